@@ -1,12 +1,45 @@
-"""fastmeta: turn any PyTorch model into a meta-learner."""
+"""fastmeta: turn any PyTorch model into a meta-learner.
+
+Example:
+    >>> import fastmeta, torch
+    >>> learner = fastmeta.MAML(my_model, inner_lr=0.01, inner_steps=1)
+    >>> optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    >>> for batch in loader:                      # {"train": [x, y], "test": [x, y]}
+    ...     result = learner.meta_step(batch, optimizer)
+    >>> adapted = learner.adapt(support_x, support_y, steps=10)
+    >>> prediction = adapted(query_x)
+"""
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+
+from . import models
+from ._gradcheck import GradcheckReport, gradcheck
+from ._inner_optim import INNER_OPTIMIZERS
+from ._learner import AdaptedModel, DivergenceError, MetaLearner, MetaStepResult
+from ._task import Task
+from .algorithms import ANIL, FOMAML, MAML, MetaSGD, Reptile
 
 try:
     __version__ = version("fastmeta")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "ANIL",
+    "FOMAML",
+    "INNER_OPTIMIZERS",
+    "MAML",
+    "AdaptedModel",
+    "DivergenceError",
+    "GradcheckReport",
+    "MetaLearner",
+    "MetaSGD",
+    "MetaStepResult",
+    "Reptile",
+    "Task",
+    "__version__",
+    "gradcheck",
+    "models",
+]

@@ -1,0 +1,414 @@
+"""The learner every algorithm builds on: one ``adapt()`` / ``meta_step()`` API."""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ._inner_optim import InnerOptimizer, resolve_inner_optimizer
+from ._task import Task, as_task, single_task, to_model
+from .engines import Engine, InnerLoop, InnerLoopOutput, MetaGrad, resolve_engine
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+_LOSSES: dict[str, LossFn] = {
+    "mse": F.mse_loss,
+    "l1": F.l1_loss,
+    "cross_entropy": F.cross_entropy,
+}
+
+
+class DivergenceError(FloatingPointError):
+    """The meta-loss or meta-gradient became NaN or infinite; the weights were not updated.
+
+    Attributes:
+        meta_step: 1-based number of the meta-step that failed.
+        task: index of the first task whose inner loop diverged, or ``None``.
+        inner_step: 1-based inner step whose support loss was first non-finite, or ``None``.
+    """
+
+    def __init__(
+        self, message: str, *, meta_step: int, task: int | None, inner_step: int | None
+    ) -> None:
+        super().__init__(message)
+        self.meta_step = meta_step
+        self.task = task
+        self.inner_step = inner_step
+
+
+@dataclass(frozen=True)
+class MetaStepResult:
+    """What :meth:`MetaLearner.meta_step` returns.
+
+    Attributes:
+        loss: mean query loss over the tasks, after adaptation (the meta-loss).
+        task_losses: ``[tasks]`` query loss of each task after adaptation.
+        inner_losses: ``[tasks, inner_steps]`` support loss before each inner step.
+    """
+
+    loss: float
+    task_losses: Tensor
+    inner_losses: Tensor
+
+
+class AdaptedModel:
+    """A model adapted to one task: call it like the original model.
+
+    The wrapped model is not touched; the adapted weights live here.
+
+    Attributes:
+        params: adapted parameters, keyed like ``model.named_parameters()`` (detached).
+        buffers: buffers after adaptation (e.g. BatchNorm statistics of this copy).
+        support_losses: ``[steps]`` support loss before each inner step.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        support_losses: Tensor,
+    ) -> None:
+        self.module = module
+        self.params = params
+        self.buffers = buffers
+        self.support_losses = support_losses
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the model's forward with the adapted weights."""
+        # Buffers are cloned per call so that BatchNorm in train mode cannot write into them.
+        state = {**self.params, **{k: v.clone() for k, v in self.buffers.items()}}
+        return functional_call(self.module, state, args, kwargs)
+
+    def named_parameters(self) -> Iterator[tuple[str, Tensor]]:
+        """``(name, tensor)`` pairs of the adapted parameters."""
+        return iter(self.params.items())
+
+    def as_module(self) -> nn.Module:
+        """A deep copy of the wrapped model holding the adapted weights."""
+        module = copy.deepcopy(self.module)
+        module.load_state_dict({**self.params, **self.buffers}, strict=False)
+        return module
+
+
+def _check_positive_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive number, got {value!r}")
+    if not math.isfinite(float(value)) or float(value) <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return float(value)
+
+
+def check_steps(name: str, value: object, minimum: int) -> int:
+    """Validate an integer count of steps."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def resolve_loss(loss_fn: str | LossFn | None) -> LossFn:
+    """``None`` → mean squared error; a name from ``mse``, ``l1``, ``cross_entropy``; a callable."""
+    if loss_fn is None:
+        return F.mse_loss
+    if isinstance(loss_fn, str):
+        if loss_fn not in _LOSSES:
+            raise ValueError(f"unknown loss_fn {loss_fn!r}; choose one of {list(_LOSSES)}")
+        return _LOSSES[loss_fn]
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (prediction, target) -> loss, got {loss_fn!r}")
+    return loss_fn
+
+
+class MetaLearner(nn.Module):
+    """Base class of all learners: wraps a user's ``nn.Module`` without copying it.
+
+    The learner is itself an ``nn.Module``: ``learner.parameters()`` are the
+    meta-parameters (the model's, plus any the algorithm learns, such as Meta-SGD's
+    rates), ``learner(x)`` runs the model, and ``state_dict()`` saves everything.
+
+    BatchNorm and other buffers: the inner loop runs on functional copies whose buffers
+    are cloned from the model, so ``adapt`` and ``meta_step`` never change the model's
+    buffers. A model in train mode normalises with the statistics of each batch (as in
+    the MAML reference implementation); a model in eval mode uses its stored statistics.
+
+    Args:
+        model: the network to meta-train.
+        inner_lr: learning rate of the inner (adaptation) loop.
+        inner_steps: number of inner steps in ``meta_step`` and, by default, ``adapt``.
+        first_order: treat inner gradients as constants (no second derivatives).
+        loss_fn: ``loss_fn(prediction, target) -> scalar`` for both loops; default MSE.
+            Names: ``"mse"``, ``"l1"``, ``"cross_entropy"``.
+        inner_optimizer: ``"sgd"`` (default), ``"adam"``, ``"adamw"``, another name from
+            ``fastmeta.INNER_OPTIMIZERS``, or the matching ``torch.optim`` class.
+        inner_optimizer_kwargs: its settings (``momentum``, ``betas``, ...), without ``lr``.
+        engine: ``"auto"`` (default) or ``"higher"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        inner_lr: float,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        loss_fn: str | LossFn | None = None,
+        inner_optimizer: str | type[torch.optim.Optimizer] = "sgd",
+        inner_optimizer_kwargs: Mapping[str, Any] | None = None,
+        engine: str = "auto",
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a plain "
+                f"function in a Module subclass first"
+            )
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(
+                "model has no trainable parameters (none with requires_grad=True): there is "
+                "nothing to meta-learn"
+            )
+        self.module = model
+        self.inner_lr = _check_positive_number("inner_lr", inner_lr)
+        self.inner_steps = check_steps("inner_steps", inner_steps, 1)
+        self.first_order = bool(first_order)
+        self.loss_fn = resolve_loss(loss_fn)
+        self.inner_optimizer: InnerOptimizer = resolve_inner_optimizer(
+            inner_optimizer, inner_optimizer_kwargs
+        )
+        self._engine: Engine = resolve_engine(engine)
+        self.meta_steps_taken = 0
+        self._warned_optimizer = False
+
+    # ------------------------------------------------------------------ hooks for algorithms
+
+    @property
+    def engine(self) -> str:
+        """Name of the engine that runs the inner loop."""
+        return self._engine.name
+
+    def adapted_names(self) -> tuple[str, ...]:
+        """Names of the model parameters updated in the inner loop (all trainable ones)."""
+        return tuple(name for name, p in self.module.named_parameters() if p.requires_grad)
+
+    def _learned_lrs(self) -> dict[str, Tensor] | None:
+        """Learned per-parameter inner rates, or ``None`` for the fixed ``inner_lr``."""
+        return None
+
+    def _batch_indices(self, task: Task, steps: int) -> Tensor | None:
+        """Support minibatch indices ``[tasks, steps, batch]``, or ``None`` (full batch)."""
+        return None
+
+    def _meta_grad(self) -> MetaGrad:
+        return MetaGrad.FIRST_ORDER if self.first_order else MetaGrad.SECOND_ORDER
+
+    def _inner_loop(self, task: Task, steps: int) -> InnerLoop:
+        return InnerLoop(
+            adapted=self.adapted_names(),
+            optimizer=self.inner_optimizer,
+            inner_lr=self.inner_lr,
+            loss_fn=self.loss_fn,
+            steps=steps,
+            lrs=self._learned_lrs(),
+            batch_indices=self._batch_indices(task, steps),
+        )
+
+    def _meta_gradient(self, task: Task) -> InnerLoopOutput:
+        """Write the meta-gradient into ``.grad``; return the detached losses."""
+        return self._engine.run(
+            self.module,
+            task,
+            self._inner_loop(task, self.inner_steps),
+            self._meta_grad(),
+            backward=True,
+        )
+
+    # ------------------------------------------------------------------ public API
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the wrapped model (with the meta-parameters, no adaptation)."""
+        return self.module(*args, **kwargs)
+
+    def _reference(self) -> Tensor:
+        return next(p for p in self.module.parameters())
+
+    def _prepare(self, batch: Task | Mapping[str, Any]) -> Task:
+        return to_model(as_task(batch), self._reference())
+
+    def meta_loss(self, batch: Task | Mapping[str, Any]) -> Tensor:
+        """Mean query loss after adaptation, differentiable w.r.t. the meta-parameters.
+
+        ``meta_step`` is the usual entry point; this is for custom outer loops and for
+        checking gradients. It keeps every task's graph alive at once.
+        """
+        task = self._prepare(batch)
+        output = self._engine.run(
+            self.module, task, self._inner_loop(task, self.inner_steps), self._meta_grad()
+        )
+        return output.query_losses.mean()
+
+    def meta_step(
+        self, batch: Task | Mapping[str, Any], optimizer: torch.optim.Optimizer
+    ) -> MetaStepResult:
+        """One outer update: adapt to every task, then step ``optimizer`` on the meta-loss.
+
+        Zeroes the gradients, writes the meta-gradient into ``.grad`` of every
+        meta-parameter (left there afterwards), and calls ``optimizer.step()``.
+
+        Args:
+            batch: ``{"train": [x, y], "test": [x, y]}`` (or ``support``/``query``) with
+                tensors ``[tasks, shots, ...]``, or a :class:`fastmeta.Task`.
+            optimizer: the user's outer optimiser over ``learner.parameters()``.
+
+        Returns:
+            The mean and per-task query losses and the inner support losses.
+
+        Raises:
+            DivergenceError: the meta-loss or meta-gradient is not finite; nothing was updated.
+        """
+        self._check_optimizer(optimizer)
+        task = self._prepare(batch)
+        optimizer.zero_grad(set_to_none=True)
+        self.zero_grad(set_to_none=True)
+        output = self._meta_gradient(task)
+        self._check_finite(output)
+        optimizer.step()
+        self.meta_steps_taken += 1
+        return MetaStepResult(
+            loss=float(output.query_losses.mean()),
+            task_losses=output.query_losses.detach().cpu(),
+            inner_losses=output.support_losses.cpu(),
+        )
+
+    def adapt(self, x: Tensor, y: Tensor, *, steps: int | None = None) -> AdaptedModel:
+        """Fine-tune on one task's support set; the wrapped model is left untouched.
+
+        Args:
+            x: support inputs ``[shots, ...]``.
+            y: support targets ``[shots, ...]``.
+            steps: inner steps (default: the learner's ``inner_steps``; 0 is allowed).
+
+        Returns:
+            An :class:`AdaptedModel`: call it on new inputs.
+
+        Example:
+            >>> adapted = learner.adapt(support_x, support_y, steps=10)
+            >>> prediction = adapted(query_x)
+        """
+        steps = self.inner_steps if steps is None else check_steps("steps", steps, 0)
+        task = to_model(single_task(x, y), self._reference())
+        with torch.enable_grad():
+            output = self._engine.run(
+                self.module,
+                task,
+                self._inner_loop(task, steps),
+                MetaGrad.NONE,
+                keep_params=True,
+                query=False,
+            )
+        assert output.params is not None and output.buffers is not None  # keep_params=True
+        support_losses = output.support_losses[0]
+        if not torch.isfinite(support_losses).all():
+            warnings.warn(
+                f"adapt: the support loss became non-finite during {steps} inner steps with "
+                f"inner_lr={self.inner_lr}; the adapted weights are not usable. Use a smaller "
+                f"inner_lr or fewer steps.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return AdaptedModel(
+            self.module,
+            {name: value[0] for name, value in output.params.items()},
+            {name: value[0] for name, value in output.buffers.items()},
+            support_losses,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, "
+            f"first_order={self.first_order}, inner_optimizer={self.inner_optimizer.name!r}, "
+            f"engine={self.engine!r}"
+        )
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_optimizer(self, optimizer: object) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer over learner.parameters(), got "
+                f"{type(optimizer).__name__}; e.g. torch.optim.Adam(learner.parameters(), lr=1e-3)"
+            )
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in held]
+        if len(missing) == sum(1 for p in self.parameters() if p.requires_grad):
+            raise ValueError(
+                "optimizer holds none of the learner's meta-parameters; build it with "
+                "torch.optim.Adam(learner.parameters(), lr=...)"
+            )
+        if missing and not self._warned_optimizer:
+            self._warned_optimizer = True
+            warnings.warn(
+                f"optimizer does not hold the meta-parameters {missing[:5]}"
+                + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                + "; they get gradients but are never updated. Build the optimizer from "
+                "learner.parameters() to train them.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _check_finite(self, output: InnerLoopOutput) -> None:
+        """Raise :class:`DivergenceError` (clearing ``.grad``) if anything is not finite."""
+        meta_step = self.meta_steps_taken + 1
+        bad_grads = [
+            name
+            for name, p in self.named_parameters()
+            if p.grad is not None and not torch.isfinite(p.grad).all()
+        ]
+        finite_support = torch.isfinite(output.support_losses)
+        finite_query = torch.isfinite(output.query_losses)
+        if finite_support.all() and finite_query.all() and not bad_grads:
+            return
+        self.zero_grad(set_to_none=True)
+        advice = (
+            f"(inner_lr={self.inner_lr}, inner_steps={self.inner_steps}). The inner loop "
+            f"diverged: try a smaller inner_lr, fewer inner_steps, or normalised inputs. "
+            f"The meta-parameters were not updated."
+        )
+        if not finite_support.all():
+            task, step = (int(i) for i in (~finite_support).nonzero()[0])
+            raise DivergenceError(
+                f"meta-step {meta_step}: the meta-loss is not finite: the support loss of task "
+                f"{task} became {float(output.support_losses[task, step])} at inner step "
+                f"{step + 1} of {output.support_losses.shape[1]} {advice}",
+                meta_step=meta_step,
+                task=task,
+                inner_step=step + 1,
+            )
+        if not finite_query.all():
+            task = int((~finite_query).nonzero()[0, 0])
+            raise DivergenceError(
+                f"meta-step {meta_step}: the meta-loss is not finite: the query loss of task "
+                f"{task} is {float(output.query_losses[task])} after its last inner step "
+                f"{advice}",
+                meta_step=meta_step,
+                task=task,
+                inner_step=None,
+            )
+        raise DivergenceError(
+            f"meta-step {meta_step}: the meta-gradient of {bad_grads[:5]} is not finite "
+            f"although the meta-loss is {advice}",
+            meta_step=meta_step,
+            task=None,
+            inner_step=None,
+        )

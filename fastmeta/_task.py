@@ -1,0 +1,146 @@
+"""The task batch every learner consumes, and its parsing from torchmeta-style batches."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+from torch import Tensor
+
+# Accepted spellings of the two halves of a task, at the data boundary.
+_SUPPORT_KEYS = ("support", "train")
+_QUERY_KEYS = ("query", "test")
+
+
+class Task(NamedTuple):
+    """A meta-batch of tasks: support (inner-loop) and query (outer-loop) examples.
+
+    Every tensor has a leading task dimension: ``support_x`` is ``[tasks, shots, ...]``,
+    ``support_y`` is ``[tasks, shots, ...]``, and likewise for the query set.
+
+    Example:
+        >>> task = Task(torch.randn(4, 10, 1), torch.randn(4, 10, 1),
+        ...             torch.randn(4, 15, 1), torch.randn(4, 15, 1))
+        >>> task.num_tasks
+        4
+    """
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+    @property
+    def num_tasks(self) -> int:
+        """Number of tasks (the leading dimension)."""
+        return int(self.support_x.shape[0])
+
+
+def _pair(batch: Mapping[str, Any], keys: tuple[str, ...], role: str) -> tuple[Tensor, Tensor]:
+    for key in keys:
+        if key in batch:
+            value = batch[key]
+            break
+    else:
+        raise KeyError(
+            f"batch has no {role} set: expected one of the keys {list(keys)}, got "
+            f"{list(batch.keys())}. A torchmeta-style batch is "
+            f"{{'train': [x, y], 'test': [x, y]}} (or 'support'/'query')"
+        )
+    if not isinstance(value, Sequence) or isinstance(value, (str, Tensor)) or len(value) != 2:
+        raise ValueError(
+            f"batch[{key!r}] must be a pair [inputs, targets], got {type(value).__name__}"
+            + (f" of length {len(value)}" if isinstance(value, Sequence) else "")
+        )
+    return value[0], value[1]
+
+
+def as_task(batch: Task | Mapping[str, Any] | Sequence[Tensor]) -> Task:
+    """Turn a torchmeta-style batch (or a 4-tuple) into a :class:`Task` and validate it.
+
+    Args:
+        batch: ``{"train": [x, y], "test": [x, y]}`` (keys ``support``/``query`` also
+            accepted), a :class:`Task`, or a tuple ``(support_x, support_y, query_x, query_y)``.
+
+    Returns:
+        The validated :class:`Task`.
+
+    Raises:
+        KeyError: a support or query part is missing.
+        TypeError: a part is not a tensor.
+        ValueError: inconsistent task counts, example counts, or an empty support set.
+    """
+    if isinstance(batch, Task):
+        task = batch
+    elif isinstance(batch, Mapping):
+        task = Task(*_pair(batch, _SUPPORT_KEYS, "support"), *_pair(batch, _QUERY_KEYS, "query"))
+    elif isinstance(batch, Sequence) and len(batch) == 4:
+        task = Task(*batch)
+    else:
+        raise TypeError(
+            f"batch must be a fastmeta.Task, a mapping {{'train': [x, y], 'test': [x, y]}} or "
+            f"a tuple (support_x, support_y, query_x, query_y), got {type(batch).__name__}"
+        )
+    validate_task(task)
+    return task
+
+
+def validate_task(task: Task) -> None:
+    """Check shapes: same task count everywhere, same example count for x and y."""
+    for name, value in zip(Task._fields, task):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.dim() < 2:
+            raise ValueError(
+                f"{name} must have shape [tasks, examples, ...], got shape {tuple(value.shape)}; "
+                f"for a single task add a leading dimension with .unsqueeze(0)"
+            )
+    for prefix in ("support", "query"):
+        x, y = getattr(task, f"{prefix}_x"), getattr(task, f"{prefix}_y")
+        if x.shape[:2] != y.shape[:2]:
+            raise ValueError(
+                f"{prefix}_x and {prefix}_y must agree on [tasks, examples], got "
+                f"{tuple(x.shape[:2])} and {tuple(y.shape[:2])}"
+            )
+    if task.support_x.shape[0] != task.query_x.shape[0]:
+        raise ValueError(
+            f"support and query sets must hold the same number of tasks, got "
+            f"{task.support_x.shape[0]} support and {task.query_x.shape[0]} query tasks"
+        )
+    if task.support_x.shape[0] == 0:
+        raise ValueError("the batch holds no tasks (task dimension is 0)")
+    if task.support_x.shape[1] == 0:
+        raise ValueError(
+            "the support set is empty (0 examples per task): the inner loop needs at least one "
+            "example to adapt on"
+        )
+
+
+def to_model(task: Task, reference: Tensor) -> Task:
+    """Move a task to the device of ``reference`` and cast floating tensors to its dtype.
+
+    Integer targets (class labels) keep their dtype. torchmeta's toy datasets yield
+    float64 while models are usually float32; casting here spares users that error.
+    """
+
+    def move(value: Tensor) -> Tensor:
+        dtype = reference.dtype if value.is_floating_point() else value.dtype
+        return value.to(device=reference.device, dtype=dtype)
+
+    return Task(*(move(value) for value in task))
+
+
+def single_task(x: Tensor, y: Tensor, name_x: str = "x", name_y: str = "y") -> Task:
+    """A one-task :class:`Task` from one task's support set (query = support)."""
+    for name, value in ((name_x, x), (name_y, y)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"{name_x} and {name_y} must hold the same number of examples along dim 0, got "
+            f"shapes {tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"{name_x} is empty: adapt needs at least one support example")
+    x, y = x.unsqueeze(0), y.unsqueeze(0)
+    return Task(x, y, x, y)

@@ -1,0 +1,10 @@
+"""The meta-learning algorithms, one per file."""
+
+from __future__ import annotations
+
+from .anil import ANIL
+from .maml import FOMAML, MAML
+from .meta_sgd import MetaSGD
+from .reptile import Reptile
+
+__all__ = ["ANIL", "FOMAML", "MAML", "MetaSGD", "Reptile"]

@@ -1,0 +1,62 @@
+"""ANIL: Almost No Inner Loop.
+
+References:
+    Raghu, Raghu, Bengio, Vinyals. "Rapid Learning or Feature Reuse? Towards Understanding
+    the Effectiveness of MAML." ICLR 2020. https://arxiv.org/abs/1909.09157
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .._learner import MetaLearner
+
+
+class ANIL(MetaLearner):
+    """MAML that adapts only the head; the body is meta-learned but fixed per task.
+
+    Inner loop: ``φ_head ← φ_head − inner_lr · ∇L_support``; the body keeps θ_body.
+    Outer: both body and head initialisation get the meta-gradient.
+
+    Args:
+        model: the network to meta-train.
+        head: name of the submodule adapted in the inner loop, as in
+            ``model.named_modules()`` (e.g. ``"head"``, ``"classifier"``, ``"net.4"``).
+        **kwargs: as for :class:`fastmeta.MAML` (``inner_lr``, ``inner_steps``, ...).
+
+    Example:
+        >>> learner = fastmeta.ANIL(fastmeta.models.Conv4(num_classes=5), head="head",
+        ...                         inner_lr=0.1, loss_fn="cross_entropy")
+
+    References:
+        Raghu et al., ICLR 2020, https://arxiv.org/abs/1909.09157
+    """
+
+    def __init__(self, model: nn.Module, *, head: str, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        modules = dict(model.named_modules())
+        if not isinstance(head, str) or not head or head not in modules:
+            children = [name for name, _ in model.named_children()]
+            raise ValueError(
+                f"head={head!r} is not a submodule of the model; pass the name of the "
+                f"submodule to adapt, as in model.named_modules(), e.g. one of {children}"
+            )
+        self.head = head
+        if not self.adapted_names():
+            raise ValueError(
+                f"head={head!r} has no trainable parameters (requires_grad=True) to adapt"
+            )
+
+    def adapted_names(self) -> tuple[str, ...]:
+        """Trainable parameters of the head submodule."""
+        prefix = self.head + "."
+        return tuple(
+            name
+            for name, p in self.module.named_parameters()
+            if p.requires_grad and name.startswith(prefix)
+        )
+
+    def extra_repr(self) -> str:
+        return f"head={self.head!r}, " + super().extra_repr()

@@ -1,0 +1,62 @@
+"""MAML and first-order MAML.
+
+References:
+    Finn, Abbeel, Levine. "Model-Agnostic Meta-Learning for Fast Adaptation of Deep
+    Networks." ICML 2017. https://arxiv.org/abs/1703.03400
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .._learner import MetaLearner
+
+
+class MAML(MetaLearner):
+    """Model-Agnostic Meta-Learning: learn an initialisation θ that adapts in a few steps.
+
+    Inner loop per task: ``φ ← φ − inner_lr · ∇L_support(φ)`` from ``φ = θ``, ``inner_steps``
+    times (or the chosen inner optimiser's rule). Outer: ``θ ← opt(∇_θ mean_tasks L_query(φ))``,
+    differentiating through every inner step (``first_order=False``) or treating the inner
+    gradients as constants (``first_order=True``).
+
+    Args:
+        model: the network to meta-train (not copied; never modified outside ``meta_step``).
+        inner_lr: inner learning rate α.
+        inner_steps: inner steps per task.
+        first_order: drop second derivatives (first-order MAML).
+        loss_fn: ``loss_fn(prediction, target)``; default mean squared error.
+        inner_optimizer: ``"sgd"`` (default), ``"adam"``, ``"adamw"``, ... or a torch.optim class.
+        inner_optimizer_kwargs: its settings (``momentum``, ``betas``, ``weight_decay``, ...).
+        engine: ``"auto"`` or ``"higher"``.
+
+    Example:
+        >>> learner = fastmeta.MAML(model, inner_lr=0.01, inner_steps=1)
+        >>> optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
+        >>> result = learner.meta_step(batch, optimizer)
+        >>> adapted = learner.adapt(support_x, support_y, steps=10)
+
+    References:
+        Finn et al., ICML 2017, https://arxiv.org/abs/1703.03400
+    """
+
+
+class FOMAML(MAML):
+    """First-order MAML: ``MAML(first_order=True)``.
+
+    The meta-gradient is the query-loss gradient at the adapted weights,
+    ``∇_φ L_query(φ)``, applied to θ. About a third cheaper than second order.
+
+    References:
+        Finn et al., ICML 2017, §5.2; Nichol et al. 2018, https://arxiv.org/abs/1803.02999
+    """
+
+    def __init__(self, model: nn.Module, **kwargs: Any) -> None:
+        if not kwargs.pop("first_order", True):
+            raise ValueError(
+                "FOMAML is first-order by definition; got first_order=False. "
+                "Use fastmeta.MAML for second-order meta-gradients"
+            )
+        super().__init__(model, first_order=True, **kwargs)

@@ -1,0 +1,106 @@
+"""Reptile.
+
+References:
+    Nichol, Achiam, Schulman. "On First-Order Meta-Learning Algorithms." 2018.
+    https://arxiv.org/abs/1803.02999
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._learner import MetaLearner, check_steps
+from .._task import Task
+from ..engines import InnerLoopOutput, MetaGrad
+
+
+class Reptile(MetaLearner):
+    """Reptile: move the initialisation towards the weights each task trains to.
+
+    Inner loop per task: ``inner_steps`` optimiser steps on the support set, from θ to φ.
+    Outer: ``meta_step`` writes the pseudo-gradient ``θ − mean_tasks φ`` into ``.grad`` and
+    steps the user's optimiser, so ``torch.optim.SGD(lr=ε)`` gives classic Reptile
+    ``θ ← θ + ε (mean φ − θ)``, and any other optimiser (Adam, ...) also works.
+    The query set is only used to report the loss after adaptation.
+
+    Args:
+        model: the network to meta-train.
+        inner_lr: inner learning rate.
+        inner_steps: inner steps per task.
+        inner_batch_size: support examples per inner step; ``None`` uses the whole support
+            set at every step. With minibatches, each task's support set is reshuffled after
+            every pass (as in the Reptile paper's sine experiment).
+        loss_fn, inner_optimizer, inner_optimizer_kwargs, engine: as for :class:`fastmeta.MAML`.
+
+    Example:
+        >>> learner = fastmeta.Reptile(model, inner_lr=0.02, inner_steps=5, inner_batch_size=10)
+        >>> result = learner.meta_step(batch, torch.optim.SGD(learner.parameters(), lr=0.1))
+
+    References:
+        Nichol et al. 2018, https://arxiv.org/abs/1803.02999
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        inner_lr: float,
+        inner_steps: int,
+        inner_batch_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if "first_order" in kwargs:
+            raise ValueError(
+                "Reptile takes no first_order argument: it never differentiates through "
+                "the inner loop"
+            )
+        super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, **kwargs)
+        self.first_order = True
+        self.inner_batch_size = None
+        if inner_batch_size is not None:
+            self.inner_batch_size = check_steps("inner_batch_size", inner_batch_size, 1)
+
+    def _batch_indices(self, task: Task, steps: int) -> Tensor | None:
+        if self.inner_batch_size is None:
+            return None
+        shots = int(task.support_x.shape[1])
+        if self.inner_batch_size > shots:
+            raise ValueError(
+                f"inner_batch_size={self.inner_batch_size} is larger than the {shots} support "
+                f"examples per task; use inner_batch_size <= {shots} or None"
+            )
+        needed = steps * self.inner_batch_size
+        passes = math.ceil(needed / shots)
+        rows = [
+            torch.cat([torch.randperm(shots) for _ in range(passes)])[:needed]
+            for _ in range(task.num_tasks)
+        ]
+        indices = torch.stack(rows).view(task.num_tasks, steps, self.inner_batch_size)
+        return indices.to(task.support_x.device)
+
+    def _meta_gradient(self, task: Task) -> InnerLoopOutput:
+        loop = self._inner_loop(task, self.inner_steps)
+        output = self._engine.run(self.module, task, loop, MetaGrad.NONE, keep_params=True)
+        assert output.params is not None  # keep_params=True
+        named = dict(self.module.named_parameters())
+        with torch.no_grad():
+            for name in loop.adapted:
+                param = named[name]
+                param.grad = param.detach() - output.params[name].mean(dim=0)
+        return output
+
+    def meta_loss(self, batch: Task | Mapping[str, Any]) -> Tensor:
+        """Not defined for Reptile.
+
+        Raises:
+            TypeError: always; Reptile's update ``θ − mean φ`` is not the gradient of a loss.
+        """
+        raise TypeError(
+            "Reptile has no differentiable meta-loss: its update θ − mean(φ) is not the "
+            "gradient of a function. Use meta_step(), or MAML/FOMAML for a meta-loss"
+        )

@@ -1,0 +1,147 @@
+"""The general engine: higher's functional copies and differentiable optimisers.
+
+It runs the meta-batch task by task. Every task gets a functional copy of the
+model (``higher.monkeypatch`` with ``copy_initial_weights=False``, so that the
+meta-gradient reaches the model itself) and a differentiable optimiser. Its
+buffers (BatchNorm running statistics) are cloned for each task, so the wrapped
+model's buffers never change.
+
+higher's own ``DifferentiableAdam`` follows an outdated formula and higher has no
+AdamW; fastmeta registers corrected versions (built on the same update rules as
+the vectorised engine) the first time this engine is used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import higher
+import higher.optim
+import torch
+from torch import Tensor, nn
+
+from .._inner_optim import adam_update
+from .._task import Task
+from ._base import (
+    Engine,
+    InnerLoop,
+    InnerLoopOutput,
+    MetaGrad,
+    detach_all,
+    stack_dicts,
+    support_batch,
+)
+
+
+class DifferentiableAdam(higher.optim.DifferentiableOptimizer):
+    """Differentiable ``torch.optim.Adam`` that follows it step for step (unlike higher's)."""
+
+    decoupled_weight_decay = False
+
+    def _update(self, grouped_grads: list[list[Tensor | None]], **kwargs: Any) -> None:
+        for group_idx, (group, grads) in enumerate(zip(self.param_groups, grouped_grads)):
+            for p_idx, (param, grad) in enumerate(zip(group["params"], grads)):
+                if grad is None:
+                    continue
+                new_param, new_state = adam_update(
+                    param,
+                    grad,
+                    self.state[group_idx][p_idx],
+                    lr=group["lr"],
+                    betas=group["betas"],
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    amsgrad=group["amsgrad"],
+                    decoupled_weight_decay=self.decoupled_weight_decay,
+                )
+                self.state[group_idx][p_idx] = new_state
+                group["params"][p_idx] = new_param
+
+
+class DifferentiableAdamW(DifferentiableAdam):
+    """Differentiable ``torch.optim.AdamW`` (higher has none)."""
+
+    decoupled_weight_decay = True
+
+
+_registered = False
+
+
+def register_corrected_optimizers() -> None:
+    """Register fastmeta's Adam and AdamW with higher (idempotent)."""
+    global _registered
+    if not _registered:
+        higher.register_optim(torch.optim.Adam, DifferentiableAdam)
+        higher.register_optim(torch.optim.AdamW, DifferentiableAdamW)
+        _registered = True
+
+
+class HigherEngine(Engine):
+    """Runs inner loops with ``higher.innerloop_ctx``, one task at a time."""
+
+    name = "higher"
+
+    def __init__(self) -> None:
+        register_corrected_optimizers()
+
+    def run(
+        self,
+        module: nn.Module,
+        task: Task,
+        loop: InnerLoop,
+        meta_grad: MetaGrad,
+        *,
+        backward: bool = False,
+        keep_params: bool = False,
+        query: bool = True,
+    ) -> InnerLoopOutput:
+        named = dict(module.named_parameters())
+        names = list(named)
+        adapted = [named[name] for name in loop.adapted]
+        track = meta_grad is not MetaGrad.NONE
+        if loop.lrs is None:
+            optimizer = loop.optimizer.build([{"params": adapted}], lr=loop.inner_lr)
+            override = None
+        else:  # one group per parameter, each with its learned rate
+            optimizer = loop.optimizer.build(
+                [{"params": [param]} for param in adapted], lr=loop.inner_lr
+            )
+            override = {"lr": [loop.lrs[name] for name in loop.adapted]}
+        grad_callback = detach_all if meta_grad is MetaGrad.FIRST_ORDER else None
+
+        num_tasks = task.num_tasks
+        query_losses: list[Tensor] = []
+        support_losses: list[Tensor] = []
+        kept_params: list[dict[str, Tensor]] = []
+        kept_buffers: list[dict[str, Tensor]] = []
+        for index in range(num_tasks):
+            with higher.innerloop_ctx(
+                module,
+                optimizer,
+                copy_initial_weights=False,
+                override=override,
+                track_higher_grads=track,
+            ) as (fmodel, diffopt):
+                losses = []
+                for step in range(loop.steps):
+                    x, y = support_batch(task, loop, index, step)
+                    loss = loop.loss_fn(fmodel(x), y)
+                    losses.append(loss.detach())
+                    diffopt.step(loss, grad_callback=grad_callback)
+                support_losses.append(torch.stack(losses) if losses else torch.zeros(0))
+                if query:
+                    with torch.set_grad_enabled(track):
+                        query_loss = loop.loss_fn(fmodel(task.query_x[index]), task.query_y[index])
+                    if backward:
+                        (query_loss / num_tasks).backward()
+                        query_loss = query_loss.detach()
+                    query_losses.append(query_loss)
+                if keep_params:
+                    kept_params.append({n: p.detach() for n, p in zip(names, fmodel.fast_params)})
+                    kept_buffers.append({n: b.detach() for n, b in fmodel.named_buffers()})
+        return InnerLoopOutput(
+            query_losses=torch.stack(query_losses) if query else torch.zeros(0),
+            support_losses=torch.stack(support_losses),
+            params=stack_dicts(kept_params) if keep_params else None,
+            buffers=stack_dicts(kept_buffers) if keep_params else None,
+        )
