@@ -7,6 +7,7 @@ References:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -41,11 +42,12 @@ class MetaSGD(MetaLearner):
         super().__init__(model, inner_lr=inner_lr, **kwargs)
         named = dict(model.named_parameters())
         self._lr_keys = {name: name.replace(".", "-") for name in super().adapted_names()}
+        # An OrderedDict keeps the model's parameter order (a plain dict would be sorted).
         self.inner_lrs = nn.ParameterDict(
-            {
-                key: nn.Parameter(torch.full_like(named[name].detach(), self.inner_lr))
+            OrderedDict(
+                (key, nn.Parameter(torch.full_like(named[name].detach(), self.inner_lr)))
                 for name, key in self._lr_keys.items()
-            }
+            )
         )
 
     def adapted_names(self) -> tuple[str, ...]:
