@@ -18,6 +18,10 @@ from ._task import Task, as_task
 class GradcheckReport:
     """Worst relative error of the analytic meta-gradient, per meta-parameter.
 
+    The relative error of an element is ``|analytic − numeric| / max(|analytic|, |numeric|,
+    atol / tolerance)``: gradients smaller than ``atol / tolerance`` (zero up to rounding,
+    e.g. a conv bias right before BatchNorm) are judged by their absolute error.
+
     Attributes:
         errors: ``{name: worst relative error}`` over the checked elements.
         checked: ``{name: number of elements checked}``.
@@ -56,6 +60,7 @@ def gradcheck(
     eps: float = 1e-6,
     max_elements: int = 20,
     tolerance: float = 1e-5,
+    atol: float = 1e-8,
     seed: int = 0,
 ) -> GradcheckReport:
     """Compare the learner's meta-gradient with central finite differences, in float64.
@@ -70,6 +75,7 @@ def gradcheck(
         eps: finite-difference step.
         max_elements: elements checked per parameter (chosen at random when larger).
         tolerance: relative error above which :attr:`GradcheckReport.ok` is false.
+        atol: absolute error accepted on gradients that are zero up to rounding.
         seed: seed of the element choice and of every meta-loss evaluation.
 
     Returns:
@@ -120,7 +126,7 @@ def gradcheck(
             flat[element] = original
             numeric = (plus - minus) / (2 * eps)
             exact = float(flat_grad[element])
-            scale = max(abs(numeric), abs(exact), 1e-8)
+            scale = max(abs(numeric), abs(exact), atol / tolerance)
             worst = max(worst, abs(numeric - exact) / scale)
         errors[name] = worst
         checked[name] = count

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -66,6 +67,7 @@ class InnerOptimizer:
         """A real ``torch.optim`` instance over ``params`` (used by the higher engine)."""
         return self.cls(params, lr=lr, **self.kwargs)  # type: ignore[call-arg]
 
+    @cached_property
     def settings(self) -> dict[str, Any]:
         """All hyperparameters as ``torch.optim`` would fill them in (defaults included)."""
         probe = self.build([torch.zeros(1, requires_grad=True)], lr=1.0)
@@ -127,7 +129,7 @@ def resolve_inner_optimizer(
         )
     spec = InnerOptimizer(cls, kwargs)
     try:
-        spec.settings()
+        spec.settings  # noqa: B018 - builds a torch.optim instance, which validates the values
     except (TypeError, ValueError) as error:
         raise ValueError(
             f"inner_optimizer_kwargs={kwargs!r} rejected by torch.optim.{cls.__name__}: {error}"
@@ -229,13 +231,13 @@ def adam_update(
 
 def functional_update(
     optimizer: InnerOptimizer,
-    settings: Mapping[str, Any],
     param: Tensor,
     grad: Tensor,
     state: Mapping[str, Any],
     lr: float | Tensor,
 ) -> tuple[Tensor, dict[str, Any]]:
-    """Dispatch to the rule of ``optimizer`` with its full ``settings``."""
+    """One step of ``optimizer``'s rule with its full settings."""
+    settings = optimizer.settings
     if optimizer.cls is torch.optim.SGD:
         return sgd_update(
             param,

@@ -153,7 +153,10 @@ class MetaLearner(nn.Module):
         inner_optimizer: ``"sgd"`` (default), ``"adam"``, ``"adamw"``, another name from
             ``fastmeta.INNER_OPTIMIZERS``, or the matching ``torch.optim`` class.
         inner_optimizer_kwargs: its settings (``momentum``, ``betas``, ...), without ``lr``.
-        engine: ``"auto"`` (default) or ``"higher"``.
+        engine: ``"auto"`` (default: the vectorised engine wherever it works, higher
+            otherwise, with a warning naming the reason), ``"vmap"`` or ``"higher"``.
+        compile: ``torch.compile`` the vectorised meta-step (compiled once per input shape;
+            falls back to uncompiled with one warning if compiling fails).
     """
 
     def __init__(
@@ -167,6 +170,7 @@ class MetaLearner(nn.Module):
         inner_optimizer: str | type[torch.optim.Optimizer] = "sgd",
         inner_optimizer_kwargs: Mapping[str, Any] | None = None,
         engine: str = "auto",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -187,7 +191,9 @@ class MetaLearner(nn.Module):
         self.inner_optimizer: InnerOptimizer = resolve_inner_optimizer(
             inner_optimizer, inner_optimizer_kwargs
         )
-        self._engine: Engine = resolve_engine(engine)
+        self._engine: Engine = resolve_engine(
+            engine, model, self.inner_optimizer, compile=bool(compile)
+        )
         self.meta_steps_taken = 0
         self._warned_optimizer = False
 

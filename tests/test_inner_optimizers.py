@@ -55,7 +55,7 @@ def test_adapt_follows_torch_optim_step_for_step(name, kwargs, dtype, tol):
 
 
 def test_fastmeta_adam_is_registered_with_higher_and_higher_adam_is_not_used():
-    fastmeta.MAML(tiny_mlp(), inner_lr=0.1)  # the higher engine registers on first use
+    fastmeta.MAML(tiny_mlp(), inner_lr=0.1, engine="higher")  # registers on first use
     model = tiny_mlp()
     for cls, expected in ((torch.optim.Adam, DifferentiableAdam),
                           (torch.optim.AdamW, DifferentiableAdamW)):
@@ -73,7 +73,10 @@ def test_optimizer_class_and_name_are_equivalent():
 
 
 def test_optimizer_only_higher_knows_still_runs():
-    learner = fastmeta.MAML(tiny_mlp(), inner_lr=0.1, inner_optimizer="rmsprop")
+    with pytest.warns(UserWarning, match="engine='auto' uses the 'higher' engine: "
+                      "inner_optimizer='rmsprop' has no functional rule"):
+        learner = fastmeta.MAML(tiny_mlp(), inner_lr=0.1, inner_optimizer="rmsprop")
+    assert learner.engine == "higher"
     result = learner.meta_step(make_task(dtype=torch.float64),
                                torch.optim.Adam(learner.parameters(), 1e-3))
     assert torch.isfinite(torch.tensor(result.loss))

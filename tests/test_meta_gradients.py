@@ -88,10 +88,15 @@ def test_gradcheck_helper_reports_ok_and_keeps_model_dtype():
 class _WrongGradient(torch.autograd.Function):
     """MSE whose backward is off by a factor 2: gradcheck must catch it."""
 
+    generate_vmap_rule = True  # usable under torch.func (the vectorised engine)
+
     @staticmethod
-    def forward(ctx, prediction, target):  # type: ignore[no-untyped-def]
-        ctx.save_for_backward(prediction, target)
+    def forward(prediction, target):  # type: ignore[no-untyped-def]
         return ((prediction - target) ** 2).mean()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[no-untyped-def]
@@ -99,8 +104,9 @@ class _WrongGradient(torch.autograd.Function):
         return grad_output * 4 * (prediction - target) / prediction.numel(), None
 
 
-def test_gradcheck_helper_detects_a_wrong_gradient():
-    learner = fastmeta.MAML(tiny_mlp(), inner_lr=0.1, loss_fn=_WrongGradient.apply)
+@pytest.mark.parametrize("engine", ["higher", "vmap"])
+def test_gradcheck_helper_detects_a_wrong_gradient(engine):
+    learner = fastmeta.MAML(tiny_mlp(), inner_lr=0.1, loss_fn=_WrongGradient.apply, engine=engine)
     report = fastmeta.gradcheck(learner, make_task(), max_elements=3)
     assert not report.ok
     assert "MISMATCH" in str(report)

@@ -1,0 +1,146 @@
+"""The vectorised and higher engines give the same meta-gradients and adapted models."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import fastmeta
+from tests.conftest import make_task, tiny_mlp
+
+
+def conv4_batchnorm():
+    torch.manual_seed(0)
+    return fastmeta.models.Conv4(in_channels=1, num_classes=1, hidden=3, image_size=6,
+                                 track_running_stats=True).double().train()
+
+
+MODELS = {"mlp": (tiny_mlp, (1,)), "conv4-bn": (conv4_batchnorm, (1, 6, 6))}
+ALGORITHMS = {
+    "maml": lambda m, **kw: fastmeta.MAML(m, **kw),
+    "metasgd": lambda m, **kw: fastmeta.MetaSGD(m, **kw),
+    "anil": lambda m, **kw: fastmeta.ANIL(m, head=_head(m), **kw),
+    "reptile": lambda m, first_order, **kw: fastmeta.Reptile(m, **kw),
+}
+
+
+def _zero_gradient_params(learner, task):
+    """Parameters whose support gradient is zero up to rounding in some task (e.g. a conv
+    bias right before BatchNorm, which BatchNorm cancels)."""
+    names = set()
+    for t in range(task.num_tasks):
+        loss = learner.loss_fn(learner(task.support_x[t]), task.support_y[t])
+        grads = torch.autograd.grad(loss, list(learner.module.parameters()))
+        names |= {f"module.{n}" for (n, _), g in zip(learner.module.named_parameters(), grads)
+                  if g.abs().max() < 1e-10}
+    return names
+
+
+def _head(model):
+    return "head" if hasattr(model, "head") else "4"
+
+
+CASES = [
+    case for case in itertools.product(ALGORITHMS, ["first", "second"], [1, 3], MODELS,
+                                       ["sgd", "adam"])
+    if not (case[0] == "reptile" and case[1] == "second")  # Reptile has no order
+]
+
+
+def build(algorithm, order, steps, model_name, optimizer, engine):
+    factory, x_shape = MODELS[model_name]
+    model = factory()
+    learner = ALGORITHMS[algorithm](model, inner_lr=0.05, inner_steps=steps,
+                                    first_order=order == "first", inner_optimizer=optimizer,
+                                    engine=engine)
+    if algorithm == "metasgd":
+        with torch.no_grad():
+            for i, rate in enumerate(learner.inner_lrs.values()):
+                rate.fill_(0.02 + 0.01 * i)
+    return learner, x_shape
+
+
+@pytest.mark.parametrize("algorithm,order,steps,model_name,optimizer", CASES,
+                         ids=["-".join(map(str, c)) for c in CASES])
+def test_vmap_and_higher_agree(algorithm, order, steps, model_name, optimizer):
+    grads, predictions = {}, {}
+    for engine in ("higher", "vmap"):
+        learner, x_shape = build(algorithm, order, steps, model_name, optimizer, engine)
+        assert learner.engine == engine
+        task = make_task(tasks=3, shots=4, query=3, x_shape=x_shape, dtype=torch.float64)
+        result = learner.meta_step(task, torch.optim.SGD(learner.parameters(), lr=0.0))
+        grads[engine] = {n: p.grad for n, p in learner.named_parameters()}
+        zero_gradient = _zero_gradient_params(learner, task)
+        adapted = learner.adapt(task.support_x[0], task.support_y[0], steps=2)
+        predictions[engine] = (adapted(task.query_x[0]), result.task_losses,
+                               result.inner_losses)
+    for name, higher_grad in grads["higher"].items():
+        if algorithm == "reptile" and optimizer == "adam" and name in zero_gradient:
+            # Its true gradient is 0; Adam turns the ±1e-17 rounding noise into ±inner_lr
+            # steps, and Reptile's θ − φ reports those steps as they are.
+            continue
+        torch.testing.assert_close(grads["vmap"][name], higher_grad, rtol=1e-10, atol=1e-10)
+    for higher_value, vmap_value in zip(predictions["higher"], predictions["vmap"]):
+        torch.testing.assert_close(vmap_value, higher_value, rtol=1e-10, atol=1e-10)
+
+
+def test_reptile_minibatches_agree_across_engines():
+    outputs = []
+    for engine in ("higher", "vmap"):
+        torch.manual_seed(3)  # same minibatch draw for both
+        learner = fastmeta.Reptile(tiny_mlp(), inner_lr=0.05, inner_steps=4, inner_batch_size=3,
+                                   engine=engine)
+        learner.meta_step(make_task(shots=5, dtype=torch.float64),
+                          torch.optim.SGD(learner.parameters(), lr=0.0))
+        outputs.append([p.grad for p in learner.parameters()])
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_auto_picks_vmap_for_supported_models():
+    assert fastmeta.MAML(tiny_mlp(), inner_lr=0.1).engine == "vmap"
+    learner = fastmeta.MetaSGD(conv4_batchnorm(), inner_lr=0.1, inner_optimizer="adamw")
+    assert learner.engine == "vmap"
+
+
+def test_auto_falls_back_once_with_a_warning_naming_the_reason():
+    model = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Linear(4, 1))
+    with pytest.warns(UserWarning, match="'adagrad' has no functional rule"):
+        learner = fastmeta.MAML(model, inner_lr=0.1, inner_optimizer="adagrad")
+    assert learner.engine == "higher"
+    learner.meta_step(make_task(), torch.optim.SGD(learner.parameters(), lr=0.1))  # no warning
+
+
+def test_explicit_vmap_refuses_what_it_cannot_run():
+    with pytest.raises(ValueError, match="engine='vmap' cannot run this learner: .*'rmsprop'"):
+        fastmeta.MAML(tiny_mlp(), inner_lr=0.1, inner_optimizer="rmsprop", engine="vmap")
+    lstm = torch.nn.LSTM(1, 2)
+    with pytest.raises(ValueError, match="engine='vmap' cannot run this learner: .*LSTM"):
+        fastmeta.MAML(lstm, inner_lr=0.1, engine="vmap")
+
+
+def test_compile_needs_the_vectorised_engine():
+    with pytest.raises(ValueError, match="compile=True needs the vectorised engine"):
+        fastmeta.MAML(tiny_mlp(), inner_lr=0.1, engine="higher", compile=True)
+
+
+def test_vmap_engine_never_writes_batchnorm_buffers_nor_leaves_them_switched():
+    model = conv4_batchnorm()
+    learner = fastmeta.MAML(model, inner_lr=0.1, engine="vmap")
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    learner.meta_step(make_task(x_shape=(1, 6, 6), dtype=torch.float64),
+                      torch.optim.SGD(learner.parameters(), lr=0.1))
+    assert all(torch.equal(before[n], b) for n, b in model.named_buffers())
+    assert all(m.track_running_stats for m in model.modules()
+               if isinstance(m, torch.nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("engine", ["higher", "vmap"])
+def test_second_order_through_batchnorm_matches_finite_differences(engine):
+    """Regression: torch's vmap batching rule for batch norm gives wrong second-order
+    gradients (torch 2.13); the vmap engine must not inherit that."""
+    learner = fastmeta.MAML(conv4_batchnorm(), inner_lr=0.05, inner_steps=2, engine=engine)
+    report = fastmeta.gradcheck(learner, make_task(tasks=2, x_shape=(1, 6, 6)), max_elements=4)
+    assert report.ok, str(report)
