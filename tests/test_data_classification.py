@@ -38,7 +38,7 @@ def _write_images(root: Path, classes: dict[str, int], size: int = 6) -> None:
         folder.mkdir(parents=True)
         for k in range(count):
             pixels = rng.integers(0, 256, size=(size, size), dtype=np.uint8)
-            image_module.fromarray(pixels, mode="L").save(folder / f"{k:02d}.png")
+            image_module.fromarray(pixels).save(folder / f"{k:02d}.png")
 
 
 def test_classification_batch_layout_and_relabelling() -> None:
@@ -153,11 +153,14 @@ def test_image_folder_flat_layout_and_resize(tmp_path: Path) -> None:
         meta_split="train",
         class_splits=(1, 0, 0),
         image_size=(4, 7),
+        dtype=torch.float64,
         dataset_transform=_splitter(1, 1),
         seed=0,
     )
     batch = next(iter(BatchMetaDataLoader(tasks, batch_size=1)))
-    assert batch["test"][0].shape == (1, 5, 1, 4, 7)
+    assert batch["test"][0].shape == (1, 5, 1, 4, 7) and batch["test"][0].dtype == torch.float64
+    with pytest.raises(ValueError, match="mode must be 'L' .* or 'RGB', got 'CMYK'"):
+        FewShotImageFolder(tmp_path, 2, meta_split="train", mode="CMYK")
 
 
 def test_image_folder_with_too_few_images_per_class(tmp_path: Path) -> None:

@@ -81,7 +81,7 @@ def _image_folder(root: Path) -> Any:
         (root / f"alphabet/char{c}").mkdir(parents=True)
         for k in range(3):
             pixels = rng.integers(0, 256, size=(8, 8), dtype=np.uint8)
-            image_module.fromarray(pixels, mode="L").save(root / f"alphabet/char{c}/{k}.png")
+            image_module.fromarray(pixels).save(root / f"alphabet/char{c}/{k}.png")
     return FewShotImageFolder(
         root,
         WAYS,

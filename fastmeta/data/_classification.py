@@ -394,6 +394,7 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
         image_size: Resize every image to ``size`` or ``(height, width)``.
         mode: Pillow mode: ``"L"`` (grey, 1 channel) or ``"RGB"`` (3 channels).
         extensions: File suffixes counted as images.
+        dtype: Floating dtype of the image tensors (default ``torch.float32``).
 
     Attributes:
         classes: Class names, relative paths such as ``"Greek/character03"``.
@@ -412,7 +413,13 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
         image_size: int | tuple[int, int] | None = None,
         mode: str = "L",
         extensions: Sequence[str] = (".png",),
+        dtype: torch.dtype = torch.float32,
     ) -> None:
+        if mode not in ("L", "RGB"):
+            raise ValueError(f"mode must be 'L' (grey) or 'RGB', got {mode!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        self.dtype = dtype
         self._image = _import_pil()
         self.root = Path(root)
         if not self.root.is_dir():
@@ -472,7 +479,7 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
             array = np.asarray(image, dtype=np.float32) / 255.0
         pixels = torch.from_numpy(array)
         pixels = pixels.unsqueeze(0) if pixels.dim() == 2 else pixels.permute(2, 0, 1)
-        return pixels.contiguous(), label
+        return pixels.to(self.dtype).contiguous(), label
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -504,6 +511,7 @@ class FewShotImageFolder(FewShotDataset):
         class_augmentations: E.g. ``[Rotation([90, 180, 270])]``.
         image_size: Resize every image to ``size`` or ``(height, width)``.
         mode: Pillow mode, ``"L"`` or ``"RGB"``.
+        dtype: Floating dtype of the images (default ``torch.float32``).
         class_splits: ``(train, val, test)`` fractions of the classes, or a
             mapping from split name to class names (``"alphabet/character"``).
         split_seed: Seed of the class split; keep it equal across the three splits.
@@ -536,11 +544,12 @@ class FewShotImageFolder(FewShotDataset):
         *,
         image_size: int | tuple[int, int] | None = None,
         mode: str = "L",
+        dtype: torch.dtype = torch.float32,
         class_splits: ClassSplits = DEFAULT_CLASS_SPLITS,
         split_seed: int = 0,
         seed: int | None = None,
     ) -> None:
-        images = ImageFolderDataset(root, image_size=image_size, mode=mode)
+        images = ImageFolderDataset(root, image_size=image_size, mode=mode, dtype=dtype)
         if isinstance(class_splits, Mapping):  # accept class names for convenience
             index = {name: i for i, name in enumerate(images.classes)}
             class_splits = {

@@ -31,7 +31,8 @@ class ClassSplitter:
     index, epoch)``: reproducible, different for every task and epoch (torchmeta
     took the same samples of a class every time). Tasks that fix their support
     points (``Sinusoid`` with ``support_range`` or ``query_grid``) are split in
-    order.
+    order, and so are fastmeta's toy regression tasks, whose samples are
+    independent draws already.
 
     Use it as a meta-dataset's ``dataset_transform``, or torchmeta-style as
     ``ClassSplitter(dataset, ...)``, which returns a copy of ``dataset`` with
