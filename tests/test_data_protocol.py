@@ -71,7 +71,7 @@ def test_splitter_shuffle_is_seeded_by_task_index_and_seed() -> None:
     assert first == splitter(ArrayTask(0, 30))["train"].indices
     assert first != splitter(ArrayTask(1, 30))["train"].indices
     in_order = ClassSplitter(shuffle=False, num_train_per_class=3, num_test_per_class=3)
-    assert in_order(ArrayTask(0, 30))["train"].indices == [0, 1, 2]
+    assert list(in_order(ArrayTask(0, 30))["train"].indices) == [0, 1, 2]
 
 
 def test_splitter_on_meta_dataset_returns_a_split_copy() -> None:

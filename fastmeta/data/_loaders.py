@@ -53,13 +53,13 @@ class BatchMetaCollate:
                 "a task must be a dataset of (input, target) pairs, an OrderedDict of them, or "
                 f"an (inputs, targets) pair of tensors; got {type(task).__name__}"
             )
-        indices = list(range(len(task)))
+        indices = range(len(task))
         stack = getattr(task, "_stack", None)
         stacked = stack(indices) if stack is not None and indices else None
         if stacked is not None:
             return list(stacked)
         getitems = getattr(task, "__getitems__", None)
-        samples = getitems(indices) if getitems is not None else [task[i] for i in indices]
+        samples = getitems(list(indices)) if getitems is not None else [task[i] for i in indices]
         return self.collate_fn(samples)
 
     def __call__(self, batch: Sequence[Any]) -> Any:
@@ -88,7 +88,7 @@ def _stack_tasks(items: list[Any], where: str) -> Any:
 
 
 def _stack_tensors(tensors: list[Any], where: str) -> torch.Tensor:
-    tensors = [torch.as_tensor(t) for t in tensors]
+    tensors = [t if isinstance(t, torch.Tensor) else torch.as_tensor(t) for t in tensors]
     shape = tensors[0].shape
     for position, tensor in enumerate(tensors):
         if tensor.shape != shape:

@@ -188,6 +188,8 @@ class ClassSplitter:
         shuffle = self.shuffle and not getattr(task, "_iid_samples", False)
         stream = self._stream(task) if shuffle else None
         need = self.min_samples_per_class
+        if stream is None and len(groups) == 1 and len(groups[0][1]) >= need:
+            return self._consecutive(task)  # one class taken in order: plain ranges
         indices: dict[str, list[int]] = {name: [] for name in self.splits}
         for name, members in groups:
             if len(members) < need:
@@ -202,6 +204,14 @@ class ClassSplitter:
                 indices[split].extend(members[i] for i in chosen[start : start + count])
                 start += count
         return OrderedDict((split, SubsetTask(task, indices[split])) for split in self.splits)
+
+    def _consecutive(self, task: Any) -> OrderedDict[str, SubsetTask]:
+        splits: OrderedDict[str, SubsetTask] = OrderedDict()
+        start = 0
+        for split, count in self.splits.items():
+            splits[split] = SubsetTask(task, range(start, start + count))
+            start += count
+        return splits
 
     def _stream(self, task: Any) -> int:
         key = getattr(task, "_rng_key", None)
@@ -248,13 +258,7 @@ class ClassSplitter:
                 f"{num_query} query points) but {self!r} asks for {counts}; build the dataset "
                 "with matching num_support and num_samples_per_task (the sinusoid() helper does)"
             )
-        support, query = list(self.splits)
-        return OrderedDict(
-            [
-                (support, SubsetTask(task, range(num_support))),
-                (query, SubsetTask(task, range(num_support, len(task)))),
-            ]
-        )
+        return self._consecutive(task)
 
     def _too_few_message(self, task: Any, name: Any, available: int) -> str:
         need = self.min_samples_per_class
