@@ -180,3 +180,13 @@ def test_ragged_batch_error_points_to_meta_data_loader() -> None:
     tasks = [ArrayTask(0, 3), ArrayTask(1, 4)]
     with pytest.raises(ValueError, match="need the same shots.*MetaDataLoader"):
         BatchMetaCollate()(tasks)
+
+
+def test_splitter_draws_each_class_independently() -> None:
+    data = TensorDataset(torch.arange(40.0).reshape(40, 1), torch.arange(40) // 20)
+    classes = LabelledClassDataset(data, meta_split="train", class_splits=(1, 0, 0))
+    splitter = ClassSplitter(num_train_per_class=5, num_test_per_class=5)
+    tasks = CombinationMetaDataset(classes, 2, dataset_transform=splitter, seed=0)
+    support = tasks[(0, 1)]["train"].indices
+    first, second = support[:5], [i - 20 for i in support[5:]]
+    assert sorted(first) != sorted(second)  # not the same positions in both classes

@@ -191,13 +191,13 @@ class ClassSplitter:
         if stream is None and len(groups) == 1 and len(groups[0][1]) >= need:
             return self._consecutive(task)  # one class taken in order: plain ranges
         indices: dict[str, list[int]] = {name: [] for name in self.splits}
-        for name, members in groups:
+        for position, (name, members) in enumerate(groups):
             if len(members) < need:
                 raise ValueError(self._too_few_message(task, name, len(members)))
             chosen = (
                 range(need)
-                if stream is None
-                else _seeding.permutation(_seeding.hash_key(stream, len(members)), len(members))
+                if stream is None  # each class of a task draws its own permutation
+                else _seeding.permutation(_seeding.hash_key(stream, position), len(members))
             )
             start = 0
             for split, count in self.splits.items():
