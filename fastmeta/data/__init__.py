@@ -1,0 +1,87 @@
+"""Task data for meta-learning: torchmeta's protocol, the sine family, few-shot classification.
+
+A batch from ``BatchMetaDataLoader`` is what every fastmeta learner's
+``meta_step`` takes: an ``OrderedDict`` with ``"train"``/``"test"`` (or
+``"support"``/``"query"``), each ``[inputs, targets]`` of shape
+``[batch, shots, ...]``.
+
+Example:
+    >>> from fastmeta.data import BatchMetaDataLoader, sinusoid
+    >>> loader = BatchMetaDataLoader(sinusoid(10, seed=0), batch_size=25)
+    >>> batch = next(iter(loader))
+    >>> list(batch), batch["train"][0].shape
+    (['train', 'test'], torch.Size([25, 10, 1]))
+"""
+
+from __future__ import annotations
+
+from fastmeta.data._classification import (
+    ClassTask,
+    FewShotDataset,
+    FewShotImageFolder,
+    ImageFolderDataset,
+    LabelledClassDataset,
+)
+from fastmeta.data._digits import Digits
+from fastmeta.data._loaders import (
+    BatchMetaCollate,
+    BatchMetaDataLoader,
+    CombinationRandomSampler,
+    CombinationSequentialSampler,
+    MetaDataLoader,
+    no_collate,
+)
+from fastmeta.data._protocol import (
+    ClassDataset,
+    CombinationMetaDataset,
+    ConcatTask,
+    MetaDataset,
+    SubsetTask,
+    Task,
+)
+from fastmeta.data._splitters import ClassSplitter
+from fastmeta.data._toy import (
+    SINUSOID_PRESETS,
+    Harmonic,
+    HarmonicTask,
+    LinearTask,
+    RegressionTask,
+    Sinusoid,
+    SinusoidAndLine,
+    SinusoidTask,
+    sinusoid,
+)
+from fastmeta.data._transforms import Categorical, Rotation
+
+__all__ = [
+    "SINUSOID_PRESETS",
+    "BatchMetaCollate",
+    "BatchMetaDataLoader",
+    "Categorical",
+    "ClassDataset",
+    "ClassSplitter",
+    "ClassTask",
+    "CombinationMetaDataset",
+    "CombinationRandomSampler",
+    "CombinationSequentialSampler",
+    "ConcatTask",
+    "Digits",
+    "FewShotDataset",
+    "FewShotImageFolder",
+    "Harmonic",
+    "HarmonicTask",
+    "ImageFolderDataset",
+    "LabelledClassDataset",
+    "LinearTask",
+    "MetaDataLoader",
+    "MetaDataset",
+    "RegressionTask",
+    "Rotation",
+    "Sinusoid",
+    "SinusoidAndLine",
+    "SinusoidTask",
+    "SubsetTask",
+    "Task",
+    "no_collate",
+    "sinusoid",
+]
