@@ -17,7 +17,13 @@ from importlib.metadata import PackageNotFoundError, version
 from . import models
 from ._gradcheck import GradcheckReport, gradcheck
 from ._inner_optim import INNER_OPTIMIZERS
-from ._learner import AdaptedModel, DivergenceError, MetaLearner, MetaStepResult
+from ._learner import (
+    AdaptedModel,
+    AdaptedTasks,
+    DivergenceError,
+    MetaLearner,
+    MetaStepResult,
+)
 from ._task import Task
 from .algorithms import ANIL, FOMAML, MAML, MetaSGD, Reptile
 
@@ -32,6 +38,7 @@ __all__ = [
     "INNER_OPTIMIZERS",
     "MAML",
     "AdaptedModel",
+    "AdaptedTasks",
     "DivergenceError",
     "GradcheckReport",
     "MetaLearner",

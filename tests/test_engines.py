@@ -144,3 +144,21 @@ def test_second_order_through_batchnorm_matches_finite_differences(engine):
     learner = fastmeta.MAML(conv4_batchnorm(), inner_lr=0.05, inner_steps=2, engine=engine)
     report = fastmeta.gradcheck(learner, make_task(tasks=2, x_shape=(1, 6, 6)), max_elements=4)
     assert report.ok, str(report)
+
+
+@pytest.mark.parametrize("engine", ["higher", "vmap"])
+def test_adapt_many_equals_adapting_each_task_and_is_pure(engine):
+    model = tiny_mlp()
+    learner = fastmeta.MetaSGD(model, inner_lr=0.05, inner_steps=2, engine=engine)
+    task = make_task(tasks=4, dtype=torch.float64)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adapted = learner.adapt_many(task, steps=3)
+    assert len(adapted) == 4 and adapted.support_losses.shape == (4, 3)
+    outputs = adapted(task.query_x)
+    for t in range(4):
+        single = learner.adapt(task.support_x[t], task.support_y[t], steps=3)
+        torch.testing.assert_close(outputs[t], single(task.query_x[t]), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(adapted[t](task.query_x[t]), outputs[t])
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="one slice per adapted task.*expected 4"):
+        adapted(task.query_x[:2])

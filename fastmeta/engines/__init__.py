@@ -41,8 +41,9 @@ def resolve_engine(
     if engine == "vmap":
         obstacle = vmap_obstacle(model, optimizer)
         if obstacle:
-            raise ValueError(f"engine='vmap' cannot run this learner: {obstacle}; use "
-                             f"engine='higher' or 'auto'")
+            raise ValueError(
+                f"engine='vmap' cannot run this learner: {obstacle}; use engine='higher' or 'auto'"
+            )
         return VmapEngine(compile=compile)
     return AutoEngine(model, optimizer, compile=compile)
 

@@ -61,7 +61,12 @@ class AutoEngine(Engine):
     ) -> InnerLoopOutput:
         try:
             return self._current.run(
-                module, task, loop, meta_grad, backward=backward, keep_params=keep_params,
+                module,
+                task,
+                loop,
+                meta_grad,
+                backward=backward,
+                keep_params=keep_params,
                 query=query,
             )
         except RuntimeError as error:
@@ -75,6 +80,11 @@ class AutoEngine(Engine):
             self.name = self._current.name
             self._warn(f"the vectorised engine failed on this model ({message})")
             return self._current.run(
-                module, task, loop, meta_grad, backward=backward, keep_params=keep_params,
+                module,
+                task,
+                loop,
+                meta_grad,
+                backward=backward,
+                keep_params=keep_params,
                 query=query,
             )

@@ -225,8 +225,19 @@ class VmapEngine(Engine):
         if not self.compile:
             return eager
         settings = repr(sorted(loop.optimizer.settings.items()))
-        key = (id(module), loop.adapted, loop.steps, loop.inner_lr, loop.optimizer.name, settings,
-               loop.loss_fn, loop.lrs is None, loop.batch_indices is None, meta_grad, keep_params)
+        key = (
+            id(module),
+            loop.adapted,
+            loop.steps,
+            loop.inner_lr,
+            loop.optimizer.name,
+            settings,
+            loop.loss_fn,
+            loop.lrs is None,
+            loop.batch_indices is None,
+            meta_grad,
+            keep_params,
+        )
         compiled = self._compiled.get(key)
         if compiled is None:
             compiled = self._compiled[key] = torch.compile(eager)
