@@ -59,7 +59,7 @@ class AutoEngine(Engine):
         keep_params: bool = False,
         query: bool = True,
     ) -> InnerLoopOutput:
-        try:
+        def attempt() -> InnerLoopOutput:
             return self._current.run(
                 module,
                 task,
@@ -69,6 +69,9 @@ class AutoEngine(Engine):
                 keep_params=keep_params,
                 query=query,
             )
+
+        try:
+            return attempt()
         except RuntimeError as error:
             if not isinstance(self._current, VmapEngine):
                 raise
@@ -79,12 +82,4 @@ class AutoEngine(Engine):
             self._current = HigherEngine()
             self.name = self._current.name
             self._warn(f"the vectorised engine failed on this model ({message})")
-            return self._current.run(
-                module,
-                task,
-                loop,
-                meta_grad,
-                backward=backward,
-                keep_params=keep_params,
-                query=query,
-            )
+            return attempt()
