@@ -257,7 +257,7 @@ class TorchFuncLoop:
 
     def __init__(self, model: nn.Module, inner_steps: int, first_order: bool) -> None:
         self.model = model
-        self.params = dict(model.named_parameters())
+        self.params: dict[str, Tensor] = dict(model.named_parameters())
         self.optimizer = torch.optim.Adam(model.parameters(), lr=OUTER_LR)
 
         def loss_at(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
