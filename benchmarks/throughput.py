@@ -667,6 +667,10 @@ def format_report(
         lines += ["", "## Compile warm-up (first meta-step of the compiled learner)", ""]
         for case, row in compiled:
             lines.append(f"- {case_name(case)}: {row['first_call_s']:.1f} s")
+        lines.append(
+            "- The first one also pays torch.compile's one-time start-up in this process; "
+            "inductor's on-disk cache (e.g. /tmp/torchinductor_$USER) shortens later runs."
+        )
 
     notes = [
         (case, key, note)
