@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/throughput.py --quick            # under a minute: few repeats, no compile
-    python benchmarks/throughput.py                    # the full table (compiles 4 cases, ~4 min)
+    python benchmarks/throughput.py                    # the full table (compiles 4 cases: minutes)
     python benchmarks/throughput.py --repeats 50 --threads 1 --no-compile --no-memory
     python benchmarks/throughput.py --json results.json
 
@@ -553,6 +553,8 @@ def check_targets(
         row = rows[key]
         value = row[column]
         detail = f"{value:.2f}x (need >= {minimum:g}x)"
+        if row["notes"]:
+            detail += f"; fastmeta warned: {row['notes'][0]}"
         if not row["grad_ok"]:
             return Target(name, "MISS", f"{detail}, but its meta-gradient is wrong")
         return Target(name, "PASS" if value >= minimum else "MISS", detail)
