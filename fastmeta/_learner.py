@@ -61,6 +61,7 @@ class MetaStepResult:
     inner_losses: Tensor
 
 
+@dataclass(eq=False)  # tensors inside: identity, not elementwise equality
 class AdaptedModel:
     """A model adapted to one task: call it like the original model.
 
@@ -72,17 +73,10 @@ class AdaptedModel:
         support_losses: ``[steps]`` support loss before each inner step.
     """
 
-    def __init__(
-        self,
-        module: nn.Module,
-        params: dict[str, Tensor],
-        buffers: dict[str, Tensor],
-        support_losses: Tensor,
-    ) -> None:
-        self.module = module
-        self.params = params
-        self.buffers = buffers
-        self.support_losses = support_losses
+    module: nn.Module
+    params: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+    support_losses: Tensor
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model's forward with the adapted weights."""
@@ -101,6 +95,7 @@ class AdaptedModel:
         return module
 
 
+@dataclass(eq=False)  # tensors inside: identity, not elementwise equality
 class AdaptedTasks:
     """Models adapted to every task of a batch, by :meth:`MetaLearner.adapt_many`.
 
@@ -110,17 +105,10 @@ class AdaptedTasks:
         support_losses: ``[tasks, steps]`` support loss before each inner step.
     """
 
-    def __init__(
-        self,
-        module: nn.Module,
-        params: dict[str, Tensor],
-        buffers: dict[str, Tensor],
-        support_losses: Tensor,
-    ) -> None:
-        self.module = module
-        self.params = params
-        self.buffers = buffers
-        self.support_losses = support_losses
+    module: nn.Module
+    params: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+    support_losses: Tensor
 
     def __len__(self) -> int:
         return int(self.support_losses.shape[0])
