@@ -25,7 +25,7 @@ from ._learner import (
     MetaStepResult,
 )
 from ._task import Task
-from .algorithms import ANIL, FOMAML, MAML, MetaSGD, Reptile
+from .algorithms import ANIL, FOMAML, MAML, JointTraining, MetaSGD, Reptile
 
 try:
     __version__ = version("fastmeta")
@@ -41,6 +41,7 @@ __all__ = [
     "AdaptedTasks",
     "DivergenceError",
     "GradcheckReport",
+    "JointTraining",
     "MetaLearner",
     "MetaSGD",
     "MetaStepResult",

@@ -129,6 +129,10 @@ class AdaptedTasks:
                 f"x must have one slice per adapted task along dim 0: expected {len(self)}, "
                 f"got shape {tuple(x.shape)}"
             )
+        if not self.buffers:  # one vectorised call; buffers (BatchNorm) go task by task
+            return torch.func.vmap(lambda p, xt: functional_call(self.module, p, (xt,)))(
+                self.params, x
+            )
         return torch.stack([self[t](x[t]) for t in range(len(self))])
 
 

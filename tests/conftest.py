@@ -8,6 +8,10 @@ from torch import nn
 
 import fastmeta
 
+# The test models are tiny: a second intra-op thread only adds contention on a busy
+# 2-core machine (measured here: a tiny meta-step took 5x longer with 2 threads under load).
+torch.set_num_threads(1)
+
 
 def make_task(
     tasks: int = 3,

@@ -1,0 +1,71 @@
+"""Joint training ("transfer"): the baseline every meta-learning comparison needs.
+
+References:
+    Finn, Abbeel, Levine. "Model-Agnostic Meta-Learning for Fast Adaptation of Deep
+    Networks." ICML 2017, §5.1 ("pretrained on all tasks"). https://arxiv.org/abs/1703.03400
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._learner import MetaLearner
+from .._task import Task
+from ..engines import InnerLoopOutput
+
+
+class JointTraining(MetaLearner):
+    """Ordinary training on the pooled examples of every task, then fine-tuning.
+
+    ``meta_step`` is one plain gradient step on the mean loss over all examples (support
+    and query) of the tasks of the batch: no inner loop, ``θ ← opt(∇_θ mean_tasks
+    L_task(θ))``. ``adapt`` fine-tunes like every learner (``inner_lr``, ``inner_steps``,
+    ``inner_optimizer``). On tasks that contradict one another (sine waves of random
+    phase) the pooled optimum predicts their average, which is why it adapts poorly: the
+    failure the MAML paper reports for its "pretrained" baseline.
+
+    The model runs in its own mode on the pooled examples, so BatchNorm in train mode
+    updates its running statistics, as in any ordinary training.
+
+    Args:
+        model: the network to train.
+        inner_lr: learning rate of fine-tuning in ``adapt``.
+        inner_steps: default fine-tuning steps in ``adapt``.
+        **kwargs: ``loss_fn``, ``inner_optimizer``, ... as for :class:`fastmeta.MAML`.
+
+    Example:
+        >>> baseline = fastmeta.JointTraining(model, inner_lr=0.01)
+        >>> baseline.meta_step(batch, torch.optim.Adam(baseline.parameters(), lr=1e-3))
+        >>> adapted = baseline.adapt(support_x, support_y, steps=10)
+    """
+
+    def __init__(self, model: nn.Module, *, inner_lr: float, **kwargs: Any) -> None:
+        if "first_order" in kwargs:
+            raise ValueError(
+                "JointTraining takes no first_order argument: it has no inner loop to "
+                "differentiate through"
+            )
+        super().__init__(model, inner_lr=inner_lr, **kwargs)
+
+    def _pooled_losses(self, task: Task) -> Tensor:
+        """``[tasks]`` loss of the model on all of each task's examples."""
+        x = torch.cat([task.support_x, task.query_x], dim=1)
+        y = torch.cat([task.support_y, task.query_y], dim=1)
+        flat = self.module(x.flatten(0, 1))
+        out = flat.view(x.shape[0], x.shape[1], *flat.shape[1:])
+        return torch.stack([self.loss_fn(out[t], y[t]) for t in range(task.num_tasks)])
+
+    def _meta_gradient(self, task: Task) -> InnerLoopOutput:
+        losses = self._pooled_losses(task)
+        losses.mean().backward()
+        return InnerLoopOutput(
+            query_losses=losses.detach(), support_losses=losses.new_zeros(task.num_tasks, 0)
+        )
+
+    def meta_loss(self, batch: Task | Mapping[str, Any]) -> Tensor:
+        """Mean loss over all examples of every task (no adaptation), differentiable."""
+        return self._pooled_losses(self._prepare(batch)).mean()

@@ -1,0 +1,60 @@
+"""Few-shot evaluation: fine-tune on each task's support set, score on its query set."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._learner import AdaptedTasks, MetaLearner
+from .._task import Task
+from ._stats import summarize
+
+Metric = Callable[[Tensor, Tensor], Tensor]  # (prediction [T, n, ...], target) -> [T]
+
+
+def mse(prediction: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error of each task: ``[tasks]``."""
+    return ((prediction - target.to(prediction.dtype)) ** 2).flatten(1).mean(dim=1)
+
+
+def accuracy(prediction: Tensor, target: Tensor) -> Tensor:
+    """Fraction of correct class predictions of each task (``prediction`` are logits)."""
+    return (prediction.argmax(dim=-1) == target).to(torch.float64).flatten(1).mean(dim=1)
+
+
+def adapt_quietly(learner: MetaLearner, task: Task, steps: int) -> AdaptedTasks:
+    """``learner.adapt_many`` without its warning on diverged tasks: callers count them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # non-finite support losses
+        return learner.adapt_many(task, steps=steps)
+
+
+def per_task(
+    learner: MetaLearner, batch: Task | Any, steps: int, metric: Metric = mse
+) -> Tensor:
+    """``[tasks]`` metric on each task's query set after ``steps`` fine-tuning steps.
+
+    A task whose fine-tuning diverges gets NaN or ``inf`` (counted by :func:`summarize`)
+    instead of a warning per call.
+    """
+    task = learner._prepare(batch)
+    adapted = adapt_quietly(learner, task, steps)
+    with torch.no_grad():
+        prediction = adapted(task.query_x)
+        return metric(prediction, task.query_y).to(torch.float64).cpu()
+
+
+def fine_tuning_curve(
+    learner: MetaLearner, batch: Task | Any, steps: int, metric: Metric = mse
+) -> dict[str, Any]:
+    """Summaries of the metric after ``0, 1, ..., steps`` fine-tuning steps.
+
+    Returns:
+        ``{"steps": [0..steps], "summaries": [summarize(...) per step]}``.
+    """
+    summaries = [summarize(per_task(learner, batch, s, metric)) for s in range(steps + 1)]
+    return {"steps": list(range(steps + 1)), "summaries": summaries}

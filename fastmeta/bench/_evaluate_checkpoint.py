@@ -1,0 +1,120 @@
+"""``fastmeta eval CHECKPOINT``: evaluate a saved learner on its benchmark's held-out tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ._checkpoint import load_checkpoint
+from ._plots import curves
+from ._registry import build_learner
+from ._stats import format_cell
+
+
+def _table(algorithm: str, label: str, by_setting: dict[str, dict[str, Any]]) -> str:
+    lines = []
+    for setting, curve in by_setting.items():
+        lines += [f"{algorithm}, {setting}: {label} after each fine-tuning step"]
+        for step, summary in zip(curve["steps"], curve["summaries"], strict=True):
+            median = summary["median"]
+            lines.append(
+                f"  {step:>3} steps  {format_cell(summary, digits=4):<28} median {median:.4f}"
+            )
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(
+    path: Path | str,
+    *,
+    shots: Sequence[int] | None = None,
+    steps: int | None = None,
+    tasks: int | None = None,
+    plot_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Fine-tune the learner saved at ``path`` on held-out tasks and summarise the results.
+
+    Without overrides this evaluates exactly as the ``fastmeta bench`` run that wrote the
+    checkpoint did (same tasks, same settings), so it reproduces that run's numbers.
+
+    Args:
+        path: a checkpoint from ``OUT/checkpoints/``.
+        shots: support points (regression) or images per class (classification).
+        steps: fine-tuning steps, evaluated after 0 through ``steps``.
+        tasks: number of held-out tasks.
+        plot_dir: also write figures there.
+
+    Returns:
+        ``{"results": {setting: fine_tuning_curve}, "text": printable table, "figures": [...]}``.
+    """
+    payload = load_checkpoint(path)
+    spec = payload["spec"]
+    learner = build_learner(spec)
+    learner.load_state_dict(payload["state_dict"])
+    benchmark = spec.get("benchmark")
+    algorithm = spec["algorithm"]
+    figures: list[str] = []
+    if benchmark == "sine":
+        from . import sine
+
+        config = sine.SineConfig.from_dict(payload["metadata"]["config"])
+        settings: dict[str, Any] = {}
+        if shots is not None:
+            settings["eval_shots"] = tuple(shots)
+        if steps is not None:
+            settings["eval_steps"] = steps
+        if tasks is not None:
+            settings["eval_tasks"] = tasks
+        config = sine.SineConfig(**{**config.as_dict(), **settings, "algorithms": (algorithm,)})
+        evaluation = sine.evaluate_learner(learner, config)
+        results = {f"K={k}": evaluation["curves"][str(k)] for k in config.eval_shots}
+        label = "query MSE"
+        if plot_dir is not None:
+            plot_dir.mkdir(parents=True, exist_ok=True)
+            figures.append(
+                str(
+                    curves(
+                        {key: {algorithm: value} for key, value in results.items()},
+                        plot_dir / f"eval_{algorithm}_curves.png",
+                        ylabel=label,
+                        title=f"{algorithm}: fine-tuning on {config.eval_tasks} held-out tasks",
+                        log=True,
+                    )
+                )
+            )
+            figures.append(str(sine.fit_figure({algorithm: learner}, config, plot_dir,
+                                               name=f"eval_{algorithm}_fits.png")))
+    elif benchmark == "digits":
+        from . import digits
+
+        config_d = digits.DigitsConfig.from_dict(payload["metadata"]["config"])
+        overrides: dict[str, Any] = {}
+        if shots is not None:
+            overrides["shots"] = tuple(shots)
+        if steps is not None:
+            overrides["eval_steps"] = steps
+        if tasks is not None:
+            overrides["eval_tasks"] = tasks
+        config_d = digits.DigitsConfig(
+            **{**config_d.as_dict(), **overrides, "algorithms": (algorithm,)}
+        )
+        results = digits.evaluate_learner(learner, algorithm, config_d)
+        label = "query accuracy"
+        if plot_dir is not None:
+            plot_dir.mkdir(parents=True, exist_ok=True)
+            figures.append(
+                str(
+                    curves(
+                        {key: {algorithm: value} for key, value in results.items()},
+                        plot_dir / f"eval_{algorithm}_curves.png",
+                        ylabel=label,
+                        title=f"{algorithm}: fine-tuning on held-out classes",
+                    )
+                )
+            )
+    else:
+        raise ValueError(f"{path}: unknown benchmark {benchmark!r} in the checkpoint's spec")
+    text = _table(algorithm, label, results)
+    if figures:
+        text += "\nwrote " + ", ".join(figures)
+    return {"results": results, "text": text, "figures": figures}

@@ -1,0 +1,116 @@
+"""Figures of the benchmarks (matplotlib, drawn off-screen to PNG files)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+MISSING_MATPLOTLIB = (
+    "the benchmark figures need matplotlib: pip install 'fastmeta[plot]' "
+    "(or pass --no-plots to write only results.json and results.md)"
+)
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the off-screen Agg backend, or a clear ImportError."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError(MISSING_MATPLOTLIB) from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _grid(count: int) -> tuple[int, int]:
+    columns = min(count, 4)
+    return math.ceil(count / columns), columns
+
+
+def curves(
+    panels: dict[str, dict[str, dict[str, Any]]],
+    path: Path,
+    *,
+    ylabel: str,
+    title: str,
+    log: bool = False,
+) -> Path:
+    """Metric against fine-tuning steps, one line per algorithm, one panel per setting.
+
+    Args:
+        panels: ``{panel title: {algorithm: fine_tuning_curve(...) result}}``.
+        path: PNG file to write.
+        ylabel: label of the metric axis.
+        title: figure title.
+        log: logarithmic metric axis.
+    """
+    plt = pyplot()
+    rows, columns = _grid(len(panels))
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(4.5 * columns, 3.6 * rows), squeeze=False, sharey=True
+    )
+    for axis, (panel, by_algorithm) in zip(axes.flat, panels.items(), strict=False):
+        for algorithm, curve in by_algorithm.items():
+            means = [s["mean"] if s["mean"] is not None else math.nan for s in curve["summaries"]]
+            errors = [s["ci95"] if s["ci95"] is not None else 0.0 for s in curve["summaries"]]
+            axis.errorbar(curve["steps"], means, yerr=errors, label=algorithm, capsize=2)
+        axis.set_title(panel)
+        axis.set_xlabel("fine-tuning steps")
+        axis.grid(alpha=0.3)
+        if log:
+            axis.set_yscale("log")
+    for axis in axes[:, 0]:
+        axis.set_ylabel(ylabel)
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.set_visible(False)
+    axes.flat[0].legend(fontsize="small")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def fits(
+    panels: dict[str, dict[str, Any]],
+    path: Path,
+    *,
+    title: str,
+) -> Path:
+    """Predictions against the true function and the support points, one panel each.
+
+    Args:
+        panels: ``{panel title: {"x": [...], "truth": [...], "support_x": [...],
+            "support_y": [...], "predictions": {label: [...]}}}``.
+        path: PNG file to write.
+        title: figure title.
+    """
+    plt = pyplot()
+    rows, columns = _grid(len(panels))
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(4.5 * columns, 3.4 * rows), squeeze=False
+    )
+    for axis, (panel, data) in zip(axes.flat, panels.items(), strict=False):
+        axis.plot(data["x"], data["truth"], color="black", linewidth=2, label="truth")
+        styles = itertools.cycle((":", "--", "-", "-."))
+        for (label, prediction), style in zip(data["predictions"].items(), styles, strict=False):
+            axis.plot(data["x"], prediction, style, label=label)
+        axis.scatter(
+            data["support_x"], data["support_y"], color="red", zorder=3, label="support points"
+        )
+        low, high = min(data["truth"]), max(data["truth"])
+        pad = 0.5 * (high - low) + 0.5  # a diverged prediction must not squash the truth
+        axis.set_ylim(low - pad, high + pad)
+        axis.set_title(panel)
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.set_visible(False)
+    axes.flat[0].legend(fontsize="small")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -1,0 +1,266 @@
+"""The benchmark's meta-training loop: checkpoints, resume, progress, divergence, interrupts."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+
+from .. import __version__
+from .._learner import DivergenceError, MetaLearner
+from ._checkpoint import load_checkpoint, save_checkpoint
+from ._progress import Progress
+
+
+class TrainingDiverged(RuntimeError):
+    """Meta-training stopped on a non-finite loss; the last good checkpoint is kept."""
+
+
+class Interrupted(RuntimeError):
+    """Meta-training stopped on request (Ctrl-C); a checkpoint of the last step was written."""
+
+
+class StopFlag:
+    """Set by Ctrl-C (see :func:`stop_on_sigint`); checked between meta-iterations."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+
+@contextlib.contextmanager
+def stop_on_sigint(flag: StopFlag) -> Iterator[StopFlag]:
+    """First Ctrl-C asks the loop to stop after the current step; a second one aborts."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@dataclass
+class TrainingRecord:
+    """What a training run measured; saved in checkpoints so resumed runs keep it.
+
+    Attributes:
+        iterations: meta-iterations done.
+        seconds: wall time spent in this loop (summed over resumed runs).
+        step_ms: median ``meta_step`` time of each logging window, in milliseconds.
+        loss_curve: ``[iteration, mean meta-loss over the window]`` pairs.
+        window_losses: losses of the window in progress (so a resumed run's curve is the
+            same as an uninterrupted one's).
+    """
+
+    iterations: int = 0
+    seconds: float = 0.0
+    step_ms: list[float] = field(default_factory=list)
+    loss_curve: list[list[float]] = field(default_factory=list)
+    window_losses: list[float] = field(default_factory=list)
+
+    @property
+    def ms_per_iteration(self) -> float | None:
+        """Median over the windows of the median ``meta_step`` time."""
+        return statistics.median(self.step_ms) if self.step_ms else None
+
+
+@dataclass
+class TrainingRun:
+    """One learner to meta-train.
+
+    Attributes:
+        name: the algorithm's benchmark name (``"maml"``...).
+        learner: the learner, freshly built (weights are replaced on resume).
+        optimizer: its outer optimiser.
+        iterations: meta-iterations to run in total.
+        batch: ``batch(i)`` gives the batch of meta-iteration ``i`` (0-based); it must be a
+            pure function of ``i`` so that a resumed run sees the same tasks.
+        checkpoint: where the checkpoint lives.
+        spec: how to rebuild the learner (see ``_registry.build_learner``).
+        config: the benchmark's configuration; resuming checks it is unchanged.
+        scheduler: optional learning-rate scheduler stepped after each meta-step.
+        metadata: saved with the checkpoint, not checked on resume (e.g. the evaluation
+            settings that ``fastmeta eval`` uses).
+    """
+
+    name: str
+    learner: MetaLearner
+    optimizer: torch.optim.Optimizer
+    iterations: int
+    batch: Callable[[int], Any]
+    checkpoint: Path
+    spec: dict[str, Any]
+    config: dict[str, Any]
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys whose values differ between two configurations."""
+    keys = sorted(set(saved) | set(current))
+    return [key for key in keys if saved.get(key) != current.get(key)]
+
+
+def _payload(run: TrainingRun, record: TrainingRecord) -> dict[str, Any]:
+    return {
+        "kind": "learner",
+        "algorithm": run.name,
+        "spec": run.spec,
+        "config": run.config,
+        "metadata": run.metadata,
+        "state_dict": run.learner.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": None if run.scheduler is None else run.scheduler.state_dict(),
+        "iteration": record.iterations,
+        "complete": record.iterations >= run.iterations,
+        "record": asdict(record),
+        "torch_rng": torch.get_rng_state(),
+        "fastmeta_version": __version__,
+    }
+
+
+def restore(run: TrainingRun) -> TrainingRecord:
+    """Load ``run.checkpoint`` into the run's learner and optimiser; return its record.
+
+    Raises:
+        ValueError: the checkpoint belongs to another algorithm or configuration.
+    """
+    payload = load_checkpoint(run.checkpoint)
+    if payload.get("algorithm") != run.name:
+        raise ValueError(
+            f"{run.checkpoint} holds algorithm {payload.get('algorithm')!r}, not {run.name!r}"
+        )
+    changed = config_differences(payload["config"], run.config)
+    if changed:
+        details = ", ".join(
+            f"{key}: {payload['config'].get(key)!r} -> {run.config.get(key)!r}" for key in changed
+        )
+        raise ValueError(
+            f"--resume: {run.checkpoint} was written with a different configuration ({details}); "
+            f"rerun with the original settings, or use a new --out directory"
+        )
+    run.learner.load_state_dict(payload["state_dict"])
+    run.optimizer.load_state_dict(payload["optimizer"])
+    if run.scheduler is not None and payload.get("scheduler") is not None:
+        run.scheduler.load_state_dict(payload["scheduler"])
+    torch.set_rng_state(payload["torch_rng"])
+    record = TrainingRecord(**payload["record"])
+    run.learner.meta_steps_taken = record.iterations
+    return record
+
+
+def train(
+    run: TrainingRun,
+    *,
+    resume: bool = False,
+    checkpoint_every: int = 1000,
+    write: bool = True,
+    progress: bool = True,
+    stop: StopFlag | None = None,
+    stop_after: int | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainingRecord:
+    """Meta-train ``run.learner`` for ``run.iterations`` meta-iterations.
+
+    Args:
+        run: what to train.
+        resume: continue from ``run.checkpoint`` if it exists.
+        checkpoint_every: write a checkpoint every this many meta-iterations (and at the end).
+        write: write checkpoints at all (``False`` on all but one distributed rank).
+        progress: show a progress line.
+        stop: a flag set by Ctrl-C; the loop stops after the current meta-iteration.
+        stop_after: stop after this meta-iteration, as if interrupted (for tests).
+        on_step: called with ``(iteration, loss)`` after every meta-iteration.
+
+    Returns:
+        The record of the whole training (including resumed parts).
+
+    Raises:
+        TrainingDiverged: a meta-step had a non-finite loss; the last checkpoint is kept.
+        Interrupted: ``stop`` was set or ``stop_after`` reached; a checkpoint was written.
+    """
+    record = restore(run) if resume and run.checkpoint.exists() else TrainingRecord()
+    if record.iterations >= run.iterations:
+        return record
+    window = max(1, run.iterations // 200)
+    bar = Progress(run.iterations, run.name, start=record.iterations, enabled=progress)
+    times: list[float] = []
+    segment_start = time.perf_counter()
+    last_saved = record.iterations
+
+    def checkpoint() -> None:
+        nonlocal segment_start, last_saved
+        now = time.perf_counter()
+        record.seconds += now - segment_start
+        segment_start = now
+        if write:
+            save_checkpoint(run.checkpoint, _payload(run, record))
+        last_saved = record.iterations
+
+    for iteration in range(record.iterations, run.iterations):
+        batch = run.batch(iteration)
+        tick = time.perf_counter()
+        try:
+            result = run.learner.meta_step(batch, run.optimizer)
+        except DivergenceError as error:
+            bar.close()
+            kept = (
+                f"the last good checkpoint (meta-iteration {last_saved}) is {run.checkpoint}"
+                if write and run.checkpoint.exists()
+                else "no checkpoint was written before it"
+            )
+            raise TrainingDiverged(
+                f"{run.name}: meta-training diverged at meta-iteration {iteration + 1}: {error}. "
+                f"Stopped; {kept}."
+            ) from error
+        times.append(time.perf_counter() - tick)
+        if run.scheduler is not None:
+            run.scheduler.step()
+        record.window_losses.append(result.loss)
+        record.iterations = iteration + 1
+        if record.iterations % window == 0 or record.iterations == run.iterations:
+            record.loss_curve.append([record.iterations, statistics.fmean(record.window_losses)])
+            record.step_ms.append(1000 * statistics.median(times))
+            record.window_losses.clear()
+            times.clear()
+        bar.update(record.iterations, result.loss)
+        if on_step is not None:
+            on_step(record.iterations, result.loss)
+        stopping = (stop is not None and stop.requested) or (
+            stop_after is not None and record.iterations >= stop_after
+        )
+        if record.iterations % checkpoint_every == 0 or stopping:
+            checkpoint()
+        if stopping and record.iterations < run.iterations:
+            bar.close()
+            raise Interrupted(
+                f"{run.name}: stopped after meta-iteration {record.iterations} of "
+                f"{run.iterations}; checkpoint {run.checkpoint}. Continue with --resume."
+            )
+    if last_saved != record.iterations:
+        checkpoint()
+    bar.close()
+    return record
+
+
+def save_untrained(run: TrainingRun) -> TrainingRecord:
+    """Checkpoint a learner that is not trained (the random-initialisation baseline)."""
+    record = TrainingRecord()
+    save_checkpoint(run.checkpoint, _payload(run, record))
+    return record

@@ -1,0 +1,387 @@
+"""``fastmeta bench digits``: offline few-shot classification on held-out digit classes.
+
+scikit-learn's bundled 8x8 digits with 90-degree rotations as extra classes (the MAML
+Omniglot augmentation): 24 meta-training classes, 8 held-out meta-test classes, no
+download. Each algorithm is meta-trained separately for every shot count (as in the MAML
+paper) from the same initial weights on the same tasks, then fine-tuned on the same
+held-out tasks. The baseline ``finetune`` trains an ordinary 24-way classifier on the
+meta-training classes and, on each held-out task, fine-tunes a new zero-initialised
+N-way head on the support images (the "Baseline" of Chen et al., ICLR 2019).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._learner import MetaLearner
+from .._task import Task
+from ..algorithms import ANIL
+from ..data import BatchMetaCollate, ClassSplitter, Digits
+from . import _plots
+from ._evaluate import accuracy, fine_tuning_curve
+from ._registry import build_learner
+from ._stats import format_cell
+from ._train import StopFlag, TrainingRun, train
+from .sine import json_ready, versions
+
+DIGITS_ALGORITHMS = ("maml", "fomaml", "reptile", "anil", "metasgd", "finetune")
+EVAL_SEED_OFFSET = 1_000_003
+REPTILE_INNER_STEPS = 5
+FINETUNE_BATCH = 64  # images per step of the baseline's ordinary training
+
+
+@dataclass(frozen=True)
+class DigitsConfig:
+    """Settings of ``fastmeta bench digits``.
+
+    Attributes:
+        algorithms: learners to train and compare.
+        ways: classes per task (N of N-way).
+        shots: support images per class; one training and evaluation per value.
+        query: query images per class, in training and evaluation.
+        iterations: meta-iterations per algorithm and shot count.
+        meta_batch_size: tasks per meta-iteration.
+        hidden: channels of the Conv-4 backbone.
+        inner_lr: inner SGD learning rate (training and fine-tuning).
+        inner_steps: inner steps in training.
+        eval_steps: fine-tuning steps evaluated (0 through this).
+        eval_tasks: held-out tasks.
+        meta_lr: Adam learning rate of the outer loop.
+        seed: seed of weights, class split and tasks.
+        engine: learner engine.
+        checkpoint_every: meta-iterations between checkpoints.
+    """
+
+    algorithms: tuple[str, ...] = DIGITS_ALGORITHMS
+    ways: int = 5
+    shots: tuple[int, ...] = (1, 5)
+    query: int = 5
+    iterations: int = 1000
+    meta_batch_size: int = 8
+    hidden: int = 16
+    inner_lr: float = 0.4
+    inner_steps: int = 1
+    eval_steps: int = 5
+    eval_tasks: int = 600
+    meta_lr: float = 1e-3
+    seed: int = 0
+    engine: str = "auto"
+    checkpoint_every: int = 250
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.algorithms if a not in DIGITS_ALGORITHMS]
+        if unknown or not self.algorithms:
+            raise ValueError(
+                f"algorithms: unknown {unknown or list(self.algorithms)!r}; choose from "
+                f"{','.join(DIGITS_ALGORITHMS)}"
+            )
+        if not 2 <= self.ways <= 8:
+            raise ValueError(
+                f"ways must be between 2 and 8 (the held-out split has 8 classes), got "
+                f"{self.ways}"
+            )
+        for name in ("query", "iterations", "meta_batch_size", "hidden", "inner_steps",
+                     "eval_tasks", "checkpoint_every"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {value}")
+        if not self.shots or min(self.shots) < 1:
+            raise ValueError(f"shots must be integers >= 1, got {list(self.shots)}")
+        if self.eval_steps < 0:
+            raise ValueError(f"eval-steps must be >= 0, got {self.eval_steps}")
+        for name in ("inner_lr", "meta_lr"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name.replace('_', '-')} must be > 0, got {value}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+    def training_dict(self, shots: int) -> dict[str, Any]:
+        """The settings that determine one learner's training (checked on ``--resume``)."""
+        values = self.as_dict()
+        for key in ("algorithms", "shots", "checkpoint_every", "eval_steps", "eval_tasks"):
+            del values[key]
+        return {**values, "train_shots": shots}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DigitsConfig:
+        """Inverse of :meth:`as_dict`."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        settings: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields
+        }
+        return cls(**settings)
+
+
+def quick_digits_config(**overrides: Any) -> DigitsConfig:
+    """A few minutes on 2 CPU cores: fewer iterations and held-out tasks."""
+    settings: dict[str, Any] = {"iterations": 200, "eval_tasks": 100, "checkpoint_every": 100}
+    settings.update(overrides)
+    return DigitsConfig(**settings)
+
+
+def learner_spec(config: DigitsConfig, algorithm: str) -> dict[str, Any]:
+    """Model and learner settings of ``algorithm`` (stored in its checkpoint)."""
+    classes = len(_split(config, "train").dataset) if algorithm == "finetune" else config.ways
+    learner: dict[str, Any] = {
+        "inner_lr": config.inner_lr,
+        "engine": config.engine,
+        "loss_fn": "cross_entropy",
+    }
+    if algorithm in ("maml", "fomaml", "anil", "metasgd"):
+        learner["inner_steps"] = config.inner_steps
+    if algorithm == "reptile":
+        learner["inner_steps"] = REPTILE_INNER_STEPS
+    if algorithm == "anil":
+        learner["head"] = "head"
+    return {
+        "benchmark": "digits",
+        "algorithm": algorithm,
+        "model": {
+            "class": "Conv4",
+            "kwargs": {
+                "in_channels": 1,
+                "num_classes": classes,
+                "hidden": config.hidden,
+                "image_size": 8,
+            },
+        },
+        "learner": learner,
+    }
+
+
+@cache
+def _digits(split: str, ways: int, shots: int, query: int, seed: int) -> Digits:
+    return Digits(
+        ways,
+        meta_split=split,
+        seed=seed,
+        split_seed=0,
+        dataset_transform=ClassSplitter(num_train_per_class=shots, num_test_per_class=query),
+    )
+
+
+def _split(config: DigitsConfig, split: str, shots: int = 1) -> Digits:
+    seed = config.seed + (EVAL_SEED_OFFSET if split == "test" else 0)
+    return _digits(split, config.ways, shots, config.query, seed)
+
+
+def _tasks(dataset: Digits, ways: int, count: int, key: tuple[int, ...]) -> Task:
+    """``count`` tasks of random classes (in random label order), a pure function of ``key``."""
+    rng = np.random.default_rng(key)
+    classes = len(dataset.dataset)
+    combos = [tuple(int(c) for c in rng.permutation(classes)[:ways]) for _ in range(count)]
+    dataset.set_epoch(key[-1])  # fresh support/query images per draw, reproducibly
+    batch = BatchMetaCollate()([dataset[combo] for combo in combos])
+    return Task(*batch["train"], *batch["test"])
+
+
+def training_batches(config: DigitsConfig, algorithm: str, shots: int) -> Callable[[int], Task]:
+    """``batch(i)`` of meta-iteration ``i``: the same for every algorithm and run."""
+    dataset = _split(config, "train", shots)
+    if algorithm != "finetune":
+        return lambda i: _tasks(dataset, config.ways, config.meta_batch_size, (config.seed, i))
+    images, labels = _pooled(dataset)
+
+    def batch(iteration: int) -> Task:
+        rng = np.random.default_rng((config.seed, iteration, 1))
+        rows = torch.from_numpy(rng.choice(len(labels), FINETUNE_BATCH, replace=False))
+        half = FINETUNE_BATCH // 2
+        x, y = images[rows].unsqueeze(0), labels[rows].unsqueeze(0)
+        return Task(x[:, :half], y[:, :half], x[:, half:], y[:, half:])
+
+    return batch
+
+
+def _pooled(dataset: Digits) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of the meta-training classes with its class index (for ``finetune``)."""
+    images, labels = [], []
+    for index in range(len(dataset.dataset)):
+        members = dataset.dataset[index]
+        images += [members[i][0] for i in range(len(members))]
+        labels += [index] * len(members)
+    return torch.stack(images), torch.tensor(labels)
+
+
+def evaluation_tasks(config: DigitsConfig, shots: int) -> Task:
+    """The held-out tasks (meta-test classes) with ``shots`` support images per class."""
+    dataset = _split(config, "test", shots)
+    return _tasks(dataset, config.ways, config.eval_tasks, (config.seed + EVAL_SEED_OFFSET, 0))
+
+
+def evaluation_learner(learner: MetaLearner, algorithm: str, config: DigitsConfig) -> MetaLearner:
+    """The learner that fine-tunes on held-out tasks.
+
+    For ``finetune``, a copy of the trained network with a new zero-initialised
+    ``ways``-way head, of which only the head is fine-tuned.
+    """
+    if algorithm != "finetune":
+        return learner
+    module = copy.deepcopy(learner.module)
+    trained_head = module.head
+    assert isinstance(trained_head, nn.Linear)  # Conv4's head
+    module.head = nn.Linear(trained_head.in_features, config.ways)
+    nn.init.zeros_(module.head.weight)
+    nn.init.zeros_(module.head.bias)
+    return ANIL(module, head="head", inner_lr=config.inner_lr, loss_fn="cross_entropy",
+                engine=config.engine)
+
+
+def evaluate_learner(
+    learner: MetaLearner, algorithm: str, config: DigitsConfig
+) -> dict[str, dict[str, Any]]:
+    """Accuracy curves for every shot count in ``config.shots`` (``{"1-shot": curve}``)."""
+    evaluator = evaluation_learner(learner, algorithm, config)
+    return {
+        f"{shots}-shot": fine_tuning_curve(
+            evaluator, evaluation_tasks(config, shots), config.eval_steps, accuracy
+        )
+        for shots in config.shots
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """``results.md`` of a digits benchmark."""
+    config = DigitsConfig.from_dict(results["config"])
+    steps = config.eval_steps
+    lines = [
+        "# fastmeta bench digits",
+        "",
+        f"{config.ways}-way classification of held-out digit classes (scikit-learn 8x8 digits "
+        f"with rotations: 24 meta-training classes, 8 meta-test classes). Conv-4 with "
+        f"{config.hidden} channels; {config.iterations:,} meta-iterations per algorithm and "
+        f"shot count, meta-batch {config.meta_batch_size}, {config.query} query images per "
+        f"class, inner SGD α = {config.inner_lr} ({config.inner_steps} step in training; "
+        f"Reptile {REPTILE_INNER_STEPS}), Adam {config.meta_lr}, seed {config.seed}. "
+        f"Accuracy on {config.eval_tasks} held-out tasks after {steps} fine-tuning steps, "
+        f"mean ± 95% confidence interval. fastmeta {results['versions']['fastmeta']}, "
+        f"torch {results['versions']['torch']}.",
+        "",
+        "| algorithm | " + " | ".join(f"{s}-shot, 0 steps | {s}-shot, {steps} steps"
+                                      for s in config.shots) + " | training time |",
+        "|---|" + "---|---|" * len(config.shots) + "---|",
+    ]
+    for name, entry in results["algorithms"].items():
+        cells = []
+        for shots in config.shots:
+            summaries = entry["evaluation"][f"{shots}-shot"]["summaries"]
+            cells += [format_cell(summaries[0]), format_cell(summaries[steps])]
+        seconds = sum(t["seconds"] for t in entry["training"].values())
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {seconds:.0f} s |")
+    lines += ["", f"Chance is {1 / config.ways:.3f}."]
+    if results.get("figures"):
+        lines += ["", *[f"![{Path(f).stem}]({Path(f).name})" for f in results["figures"]]]
+    return "\n".join(lines) + "\n"
+
+
+def run_digits(
+    config: DigitsConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    plots: bool = True,
+    stop: StopFlag | None = None,
+    stop_after: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Meta-train, evaluate and write ``results.json``, ``results.md`` and a figure.
+
+    Arguments and errors as for :func:`fastmeta.bench.sine.run_sine`.
+    """
+    if plots:
+        _plots.pyplot()
+    out = Path(out)
+    checkpoints = out / "checkpoints"
+    if not resume and checkpoints.is_dir() and any(checkpoints.glob("*.pt")):
+        raise FileExistsError(
+            f"{out} already holds checkpoints from a run; pass --resume to continue it, or "
+            f"choose another --out directory"
+        )
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "benchmark": "digits",
+        "config": config.as_dict(),
+        "versions": versions(),
+        "algorithms": {},
+    }
+    for algorithm in config.algorithms:
+        entry: dict[str, Any] = {"training": {}, "evaluation": {}, "checkpoints": {}}
+        # One ordinary classifier serves every shot count of the fine-tuning baseline.
+        trained_for = config.shots[:1] if algorithm == "finetune" else config.shots
+        for shots in trained_for:
+            evaluated = config.shots if algorithm == "finetune" else (shots,)
+            spec = learner_spec(config, algorithm)
+            learner = build_learner(spec, seed=config.seed)
+            name = algorithm if algorithm == "finetune" else f"{algorithm}-{shots}shot"
+            run = TrainingRun(
+                name,
+                learner,
+                torch.optim.Adam(learner.parameters(), lr=config.meta_lr),
+                config.iterations,
+                training_batches(config, algorithm, shots),
+                checkpoints / f"{name}.pt",
+                spec,
+                config.training_dict(shots),
+                metadata={"config": {**config.as_dict(), "shots": list(evaluated)}},
+            )
+            record = train(
+                run,
+                resume=resume,
+                checkpoint_every=config.checkpoint_every,
+                progress=progress,
+                stop=stop,
+                stop_after=stop_after,
+            )
+            log(f"evaluating {name} on {config.eval_tasks} held-out tasks")
+            entry["evaluation"].update(
+                evaluate_learner(learner, algorithm, dataclasses.replace(config, shots=evaluated))
+            )
+            entry["training"][name] = {
+                "iterations": record.iterations,
+                "seconds": record.seconds,
+                "ms_per_iteration": record.ms_per_iteration,
+                "loss_curve": record.loss_curve,
+            }
+            entry["checkpoints"][name] = str(run.checkpoint.relative_to(out))
+        results["algorithms"][algorithm] = entry
+    figures = []
+    if plots:
+        panels = {
+            f"{config.ways}-way {shots}-shot": {
+                name: entry["evaluation"][f"{shots}-shot"]
+                for name, entry in results["algorithms"].items()
+            }
+            for shots in config.shots
+        }
+        path = _plots.curves(
+            panels,
+            out / "accuracy_curves.png",
+            ylabel="query accuracy (mean ± 95% CI)",
+            title=f"Fine-tuning on {config.eval_tasks} held-out digit tasks",
+        )
+        figures.append(str(path.relative_to(out)))
+    results["figures"] = figures
+    results["wall_seconds"] = time.perf_counter() - started
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(json_ready(results), indent=1) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    return results

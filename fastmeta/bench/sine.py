@@ -1,0 +1,559 @@
+"""``fastmeta bench sine``: the MAML paper's sine-wave regression benchmark.
+
+Every algorithm is meta-trained on the same stream of tasks from the same initial weights,
+then fine-tuned on the same held-out tasks. The defaults are the paper's protocol (Finn et
+al. 2017, §5.1 and Appendix C): MLP 1-40-40-1 ReLU; K = 10; one inner SGD step α = 0.01;
+meta-batch 25; Adam 1e-3; 70,000 meta-iterations; evaluation on 600 new tasks with plain
+SGD α = 0.01, query MSE reported as mean ± 95% confidence interval.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from .._learner import MetaLearner
+from .._task import Task
+from ..data import BatchMetaCollate, sinusoid
+from . import _plots
+from ._checkpoint import load_checkpoint
+from ._evaluate import adapt_quietly, fine_tuning_curve, per_task
+from ._registry import build_learner
+from ._stats import format_cell, summarize
+from ._train import StopFlag, TrainingRecord, TrainingRun, save_untrained, train
+
+SINE_ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "transfer", "random")
+
+# Reported in results.md beside our numbers (Finn et al. 2017, Appendix C, Table 2, K = 5).
+PAPER_K5 = {
+    "MAML (paper)": {1: 0.67, 5: 0.38, 10: 0.35},
+    "pretrained, joint training (paper)": {1: 2.41, 5: 2.23, 10: 2.19},
+}
+
+# The wave of the fits figure (A = 4, phase = 1) and the robustness test's support range.
+FIT_AMPLITUDE, FIT_PHASE = 4.0, 1.0
+ROBUSTNESS_SHOTS, ROBUSTNESS_RANGE = 5, (0.0, 5.0)
+EVAL_SEED_OFFSET = 1_000_003  # held-out tasks come from another seed than training tasks
+REPTILE_INNER_STEPS = 5
+
+
+@dataclass(frozen=True)
+class SineConfig:
+    """Settings of ``fastmeta bench sine`` (the MAML paper's protocol by default).
+
+    Attributes:
+        algorithms: which learners to train and compare.
+        preset: task family, ``"maml"`` (A∈[0.1,5], φ∈[0,π], MLP 1-40-40-1 ReLU) or
+            ``"reptile"`` (φ∈[0,2π], MLP 1-64-64-1 tanh).
+        iterations: meta-iterations per algorithm.
+        meta_batch_size: tasks per meta-iteration.
+        train_shots: support (and query) points per training task: the K of training.
+        eval_shots: support points of the held-out tasks, one evaluation per value.
+        eval_steps: fine-tuning steps evaluated (0 through this).
+        eval_tasks: number of held-out tasks.
+        eval_query: query points per held-out task.
+        inner_lr: inner learning rate α of training and of evaluation.
+        meta_lr: Adam learning rate of the outer loop.
+        seed: seed of the initial weights and of every task draw.
+        engine: engine of the learners (``"auto"``, ``"vmap"``, ``"higher"``).
+        checkpoint_every: meta-iterations between checkpoints.
+    """
+
+    algorithms: tuple[str, ...] = SINE_ALGORITHMS
+    preset: str = "maml"
+    iterations: int = 70_000
+    meta_batch_size: int = 25
+    train_shots: int = 10
+    eval_shots: tuple[int, ...] = (5, 10, 20)
+    eval_steps: int = 10
+    eval_tasks: int = 600
+    eval_query: int = 100
+    inner_lr: float = 0.01
+    meta_lr: float = 1e-3
+    seed: int = 0
+    engine: str = "auto"
+    checkpoint_every: int = 1000
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.algorithms if a not in SINE_ALGORITHMS]
+        if unknown or not self.algorithms:
+            raise ValueError(
+                f"algorithms: unknown {unknown or list(self.algorithms)!r}; choose from "
+                f"{','.join(SINE_ALGORITHMS)}"
+            )
+        if self.preset not in ("maml", "reptile"):
+            raise ValueError(f"preset must be 'maml' or 'reptile', got {self.preset!r}")
+        positive = {
+            "iterations": self.iterations,
+            "meta_batch_size": self.meta_batch_size,
+            "train_shots": self.train_shots,
+            "eval_tasks": self.eval_tasks,
+            "eval_query": self.eval_query,
+            "checkpoint_every": self.checkpoint_every,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {value}")
+        if not self.eval_shots or min(self.eval_shots) < 1:
+            raise ValueError(f"eval-shots must be integers >= 1, got {list(self.eval_shots)}")
+        if self.eval_steps < 0:
+            raise ValueError(f"eval-steps must be >= 0, got {self.eval_steps}")
+        for name in ("inner_lr", "meta_lr"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name.replace('_', '-')} must be > 0, got {value}")
+
+    def training_dict(self) -> dict[str, Any]:
+        """The settings that determine a learner's training (checked on ``--resume``).
+
+        Which other algorithms run beside it, and how often checkpoints are written, do
+        not change a learner's training: runs of different algorithm subsets can share one
+        output directory and be completed by a final ``--resume`` run over all of them.
+        """
+        values = self.as_dict()
+        for key in ("algorithms", "checkpoint_every", "eval_shots", "eval_steps", "eval_tasks",
+                    "eval_query"):
+            del values[key]
+        return values
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (tuples become lists)."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SineConfig:
+        """Inverse of :meth:`as_dict`."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        settings: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields
+        }
+        return cls(**settings)
+
+
+def quick_config(**overrides: Any) -> SineConfig:
+    """The README's main job: the full benchmark with fewer iterations and tasks."""
+    settings: dict[str, Any] = {"iterations": 2000, "eval_tasks": 200, "checkpoint_every": 500}
+    settings.update(overrides)
+    return SineConfig(**settings)
+
+
+def learner_spec(config: SineConfig, algorithm: str) -> dict[str, Any]:
+    """Model and learner settings of ``algorithm`` (stored in its checkpoint)."""
+    if config.preset == "maml":
+        model: dict[str, Any] = {"hidden": [40, 40], "activation": "relu"}
+    else:
+        model = {"hidden": [64, 64], "activation": "tanh"}
+    learner: dict[str, Any] = {"inner_lr": config.inner_lr, "engine": config.engine}
+    if algorithm in ("maml", "fomaml", "metasgd", "anil"):
+        learner["inner_steps"] = 1
+    if algorithm == "reptile":
+        learner["inner_steps"] = REPTILE_INNER_STEPS
+    if algorithm == "anil":
+        learner["head"] = "head"
+    return {
+        "benchmark": "sine",
+        "algorithm": algorithm,
+        "model": {"class": "SineMLP", "kwargs": model},
+        "learner": learner,
+    }
+
+
+def _collate_all(dataset: Any, start: int, count: int) -> Task:
+    batch = BatchMetaCollate()(dataset.__getitems__(list(range(start, start + count))))
+    return Task(*batch["train"], *batch["test"])
+
+
+def training_batches(config: SineConfig) -> Callable[[int], Task]:
+    """``batch(i)``: the tasks of meta-iteration ``i``, the same for every algorithm and run."""
+    dataset = sinusoid(
+        config.train_shots,
+        test_shots=config.train_shots,
+        preset=config.preset,
+        seed=config.seed,
+        num_tasks=config.iterations * config.meta_batch_size,
+    )
+
+    def batch(iteration: int) -> Task:
+        return _collate_all(dataset, iteration * config.meta_batch_size, config.meta_batch_size)
+
+    return batch
+
+
+def evaluation_tasks(config: SineConfig, shots: int, **kwargs: Any) -> Task:
+    """The held-out tasks with ``shots`` support points (the same waves for every ``shots``)."""
+    dataset = sinusoid(
+        shots,
+        test_shots=config.eval_query,
+        preset=config.preset,
+        seed=config.seed + EVAL_SEED_OFFSET,
+        num_tasks=config.eval_tasks,
+        **kwargs,
+    )
+    return _collate_all(dataset, 0, config.eval_tasks)
+
+
+def robustness_tasks(config: SineConfig) -> Task:
+    """Held-out tasks with 5 support points from [0, 5] only and a query grid over the wave."""
+    return evaluation_tasks(
+        config, ROBUSTNESS_SHOTS, support_range=ROBUSTNESS_RANGE, query_grid=True
+    )
+
+
+def _wave(config: SineConfig, x: torch.Tensor) -> torch.Tensor:
+    sign = -1.0 if config.preset == "maml" else 1.0
+    return FIT_AMPLITUDE * torch.sin(x + sign * FIT_PHASE)
+
+
+def fit_task(config: SineConfig, shots: int, support_range: tuple[float, float]) -> Task:
+    """One task on the wave A = 4, phase = 1: seeded support points and a 200-point grid."""
+    generator = torch.Generator().manual_seed(config.seed + EVAL_SEED_OFFSET)
+    low, high = support_range
+    support_x = low + (high - low) * torch.rand(1, shots, 1, generator=generator)
+    query_x = torch.linspace(-5.0, 5.0, 200).view(1, 200, 1)
+    return Task(support_x, _wave(config, support_x), query_x, _wave(config, query_x))
+
+
+def predictions(
+    learner: MetaLearner, task: Task, steps: tuple[int, ...]
+) -> dict[str, list[float]]:
+    """The model's outputs on ``task``'s query grid after each number of steps."""
+    out = {}
+    for s in steps:
+        adapted = adapt_quietly(learner, task, s)
+        with torch.no_grad():
+            out[f"after {s} step{'s' if s != 1 else ''}"] = adapted[0](task.query_x[0]).flatten()
+    return {label: values.tolist() for label, values in out.items()}
+
+
+def _fit_panel(learner: MetaLearner, task: Task, steps: tuple[int, ...]) -> dict[str, Any]:
+    return {
+        "x": task.query_x[0].flatten().tolist(),
+        "truth": task.query_y[0].flatten().tolist(),
+        "support_x": task.support_x[0].flatten().tolist(),
+        "support_y": task.support_y[0].flatten().tolist(),
+        "predictions": predictions(learner, task, steps),
+    }
+
+
+def evaluate_learner(learner: MetaLearner, config: SineConfig) -> dict[str, Any]:
+    """Fine-tuning curves for every ``eval_shots`` and the robustness score of one learner."""
+    curves = {
+        str(shots): fine_tuning_curve(learner, evaluation_tasks(config, shots), config.eval_steps)
+        for shots in config.eval_shots
+    }
+    robustness = summarize(per_task(learner, robustness_tasks(config), config.eval_steps))
+    return {"curves": curves, "robustness": robustness}
+
+
+def versions() -> dict[str, Any]:
+    """Versions and machine facts recorded with every result."""
+    return {
+        "fastmeta": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+
+
+def _step_columns(config: SineConfig) -> list[int]:
+    return [s for s in (0, 1, 5, 10) if s <= config.eval_steps] + (
+        [config.eval_steps] if config.eval_steps not in (0, 1, 5, 10) else []
+    )
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """``results.md``: the tables of a sine benchmark's ``results.json``."""
+    config = SineConfig.from_dict(results["config"])
+    columns = _step_columns(config)
+    header = " | ".join(f"{s} step{'s' if s != 1 else ''}" for s in columns)
+    lines = [
+        "# fastmeta bench sine",
+        "",
+        f"Task family `{config.preset}`; {config.iterations:,} meta-iterations per algorithm, "
+        f"meta-batch {config.meta_batch_size}, K = {config.train_shots} support and query "
+        f"points in training, inner SGD α = {config.inner_lr}, outer Adam {config.meta_lr}, "
+        f"seed {config.seed}. Evaluation: {config.eval_tasks} held-out tasks, "
+        f"{config.eval_query} query points each, fine-tuning with plain SGD α = "
+        f"{config.inner_lr} (Meta-SGD with its learned rates). Query MSE, mean ± 95% "
+        f"confidence interval (1.96·std/√n) over the tasks that did not diverge; the "
+        f"median is over all tasks. fastmeta {results['versions']['fastmeta']}, torch "
+        f"{results['versions']['torch']}, {results['versions']['torch_threads']} threads; "
+        f"wall time {_clock(results['wall_seconds'])}.",
+    ]
+    for shots in config.eval_shots:
+        lines += [
+            "",
+            f"## K = {shots} support points",
+            "",
+            f"| algorithm | {header} | median, {config.eval_steps} steps | diverged |",
+            "|---|" + "---|" * (len(columns) + 2),
+        ]
+        for name, entry in results["algorithms"].items():
+            summaries = entry["evaluation"]["curves"][str(shots)]["summaries"]
+            cells = " | ".join(format_cell(summaries[s]).split(" (")[0] for s in columns)
+            last = summaries[config.eval_steps]
+            lines.append(
+                f"| {name} | {cells} | {_number(last['median'])} | "
+                f"{last['diverged']}/{last['tasks']} |"
+            )
+        if shots == 5 and config.preset == "maml":
+            for name, row in PAPER_K5.items():
+                cells = " | ".join(f"{row[s]:.2f}" if s in row else "" for s in columns)
+                lines.append(f"| *{name}* | {cells} | | |")
+    lines += [
+        "",
+        f"## Robustness: {ROBUSTNESS_SHOTS} support points from {list(ROBUSTNESS_RANGE)} only, "
+        f"{config.eval_steps} steps, MSE over the whole wave",
+        "",
+        "| algorithm | mean ± 95% CI | median | diverged |",
+        "|---|---|---|---|",
+    ]
+    for name, entry in results["algorithms"].items():
+        summary = entry["evaluation"]["robustness"]
+        lines.append(
+            f"| {name} | {format_cell(summary).split(' (')[0]} | {_number(summary['median'])} | "
+            f"{summary['diverged']}/{summary['tasks']} |"
+        )
+    lines += [
+        "",
+        "## Training speed",
+        "",
+        "| algorithm | ms per meta-iteration (median) | training time |",
+        "|---|---|---|",
+    ]
+    for name, entry in results["algorithms"].items():
+        training = entry["training"]
+        ms = training["ms_per_iteration"]
+        lines.append(
+            f"| {name} | {'-' if ms is None else f'{ms:.2f}'} | {_clock(training['seconds'])} |"
+        )
+    ratio = results["speed"].get("first_order_over_second_order")
+    if ratio is not None:
+        lines += [
+            "",
+            f"First-order MAML takes {ratio:.2f}× the time of second-order MAML per "
+            f"meta-iteration ({100 * (1 - ratio):.0f}% faster).",
+        ]
+    if results.get("figures"):
+        lines += ["", "## Figures", ""]
+        lines += [f"![{Path(f).stem}]({Path(f).name})" for f in results["figures"]]
+    return "\n".join(lines) + "\n"
+
+
+def run_sine(
+    config: SineConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    plots: bool = True,
+    stop: StopFlag | None = None,
+    stop_after: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Meta-train, evaluate and write ``results.json``, ``results.md`` and the figures.
+
+    Args:
+        config: the benchmark settings.
+        out: output directory (checkpoints go to ``out/checkpoints``).
+        resume: continue from the checkpoints in ``out``.
+        progress: show progress lines.
+        plots: write the PNG figures (needs matplotlib).
+        stop: set by Ctrl-C; training stops after the current meta-iteration.
+        stop_after: stop each algorithm's training after this meta-iteration (for tests).
+        log: where status lines go.
+
+    Returns:
+        The content of ``results.json``.
+
+    Raises:
+        FileExistsError: ``out`` holds checkpoints and ``resume`` is false.
+        TrainingDiverged: a meta-training run diverged (its last good checkpoint is kept).
+        Interrupted: stopped by ``stop``/``stop_after``; rerun with ``resume=True``.
+    """
+    if plots:
+        _plots.pyplot()  # fail before hours of training, not after
+    out = Path(out)
+    checkpoints = out / "checkpoints"
+    if not resume and checkpoints.is_dir() and any(checkpoints.glob("*.pt")):
+        raise FileExistsError(
+            f"{out} already holds checkpoints from a run; pass --resume to continue it, or "
+            f"choose another --out directory"
+        )
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    batches = training_batches(config)
+    results: dict[str, Any] = {
+        "benchmark": "sine",
+        "config": config.as_dict(),
+        "versions": versions(),
+        "algorithms": {},
+    }
+    learners: dict[str, MetaLearner] = {}
+    for algorithm in config.algorithms:
+        spec = learner_spec(config, algorithm)
+        learner = build_learner(spec, seed=config.seed)
+        optimizer = torch.optim.Adam(learner.parameters(), lr=config.meta_lr)
+        iterations = 0 if algorithm == "random" else config.iterations
+        run = TrainingRun(
+            algorithm,
+            learner,
+            optimizer,
+            iterations,
+            batches,
+            checkpoints / f"{algorithm}.pt",
+            spec,
+            config.training_dict(),
+            metadata={"config": config.as_dict()},
+        )
+        if iterations == 0:
+            record = save_untrained(run)
+        else:
+            record = train(
+                run,
+                resume=resume,
+                checkpoint_every=config.checkpoint_every,
+                progress=progress,
+                stop=stop,
+                stop_after=stop_after,
+            )
+            log(
+                f"{algorithm}: {record.iterations:,} meta-iterations, final meta-loss "
+                f"{record.loss_curve[-1][1]:.4f}, {record.ms_per_iteration:.2f} ms/iteration"
+            )
+        learners[algorithm] = learner
+        results["algorithms"][algorithm] = {
+            "spec": spec,
+            "checkpoint": str(run.checkpoint.relative_to(out)),
+            "training": _training_summary(record),
+        }
+    for algorithm, learner in learners.items():
+        log(f"evaluating {algorithm} on {config.eval_tasks} held-out tasks")
+        results["algorithms"][algorithm]["evaluation"] = evaluate_learner(learner, config)
+    results["speed"] = _speed(results["algorithms"])
+    results["figures"] = _figures(learners, results, config, out) if plots else []
+    results["wall_seconds"] = time.perf_counter() - started
+    write_results(results, out)
+    return results
+
+
+def _training_summary(record: TrainingRecord) -> dict[str, Any]:
+    return {
+        "iterations": record.iterations,
+        "seconds": record.seconds,
+        "ms_per_iteration": record.ms_per_iteration,
+        "final_meta_loss": record.loss_curve[-1][1] if record.loss_curve else None,
+        "loss_curve": record.loss_curve,
+    }
+
+
+def _speed(algorithms: dict[str, Any]) -> dict[str, Any]:
+    ms = {name: entry["training"]["ms_per_iteration"] for name, entry in algorithms.items()}
+    speed: dict[str, Any] = {"ms_per_iteration": ms}
+    if ms.get("maml") and ms.get("fomaml"):
+        speed["first_order_over_second_order"] = ms["fomaml"] / ms["maml"]
+    return speed
+
+
+def _figures(
+    learners: dict[str, MetaLearner], results: dict[str, Any], config: SineConfig, out: Path
+) -> list[str]:
+    panels = {
+        f"K = {shots}": {
+            name: entry["evaluation"]["curves"][str(shots)]
+            for name, entry in results["algorithms"].items()
+        }
+        for shots in config.eval_shots
+    }
+    paths = [
+        _plots.curves(
+            panels,
+            out / "fine_tuning_curves.png",
+            ylabel="query MSE (mean ± 95% CI)",
+            title=f"Fine-tuning on {config.eval_tasks} held-out sine tasks",
+            log=True,
+        )
+    ]
+    paths.append(fit_figure(learners, config, out))
+    robust = fit_task(config, ROBUSTNESS_SHOTS, ROBUSTNESS_RANGE)
+    paths.append(
+        _plots.fits(
+            {
+                name: _fit_panel(learner, robust, (0, config.eval_steps))
+                for name, learner in learners.items()
+            },
+            out / "robustness.png",
+            title=f"Robustness: {ROBUSTNESS_SHOTS} points from x in {list(ROBUSTNESS_RANGE)} only,"
+            f" {config.eval_steps} steps",
+        )
+    )
+    return [str(path.relative_to(out)) for path in paths]
+
+
+def _number(value: float | str) -> str:
+    return f"{value:.3f}" if isinstance(value, float) and math.isfinite(value) else str(value)
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with each NaN or infinity spelled ``"nan"``, ``"inf"``, ``"-inf"`` (valid JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def fit_figure(
+    learners: dict[str, MetaLearner], config: SineConfig, out: Path, *, name: str = "fits.png"
+) -> Path:
+    """Fits to the wave A = 4, phase = 1 from K = ``train_shots`` points, before and after."""
+    steps = tuple(sorted({0, 1, config.eval_steps}))
+    task = fit_task(config, config.train_shots, (-5.0, 5.0))
+    sign = "-" if config.preset == "maml" else "+"
+    return _plots.fits(
+        {label: _fit_panel(learner, task, steps) for label, learner in learners.items()},
+        out / name,
+        title=f"Fits to y = {FIT_AMPLITUDE:g}·sin(x {sign} {FIT_PHASE:g}) from K = "
+        f"{config.train_shots} points",
+    )
+
+
+def write_results(results: dict[str, Any], out: Path) -> None:
+    """Write ``results.json`` and ``results.md`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = json_ready(results)
+    text = json.dumps(results, indent=1, allow_nan=False)
+    (out / "results.json").write_text(text + "\n")
+    (out / "results.md").write_text(markdown(results))
+
+
+def load_learner(path: Path | str) -> tuple[MetaLearner, dict[str, Any]]:
+    """A learner saved by ``fastmeta bench``, with its checkpoint's metadata."""
+    payload = load_checkpoint(path)
+    learner = build_learner(payload["spec"])
+    learner.load_state_dict(payload["state_dict"])
+    learner.meta_steps_taken = int(payload.get("iteration", 0))
+    return learner, payload
