@@ -1,4 +1,4 @@
-"""Meta-train MAML on sine waves and show that it adapts from 10 points.
+"""Meta-train MAML, first-order MAML or Reptile on sine waves; adapt from 10 points.
 
 The MAML paper's regression setup (Finn et al. 2017, §5.1): tasks y = A·sin(x − φ) with
 A ~ U[0.1, 5], φ ~ U[0, π], x ~ U[-5, 5]; MLP 1-40-40-1; K = 10 support and 10 query
@@ -9,6 +9,9 @@ Usage:
     python examples/sine_maml.py                 # 5,000 meta-iterations (about a minute)
     python examples/sine_maml.py --quick         # 1,000 iterations, about 20 seconds
     python examples/sine_maml.py --algorithm fomaml --iterations 5000
+    python examples/sine_maml.py --algorithm reptile --quick
+    python examples/sine_maml.py --quick --save maml.pt      # keep the meta-trained weights
+    python examples/sine_maml.py --load maml.pt              # test them later, no training
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ def evaluate(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--algorithm", choices=["maml", "fomaml"], default="maml")
+    parser.add_argument("--algorithm", choices=["maml", "fomaml", "reptile"], default="maml")
+    parser.add_argument("--save", help="write the meta-trained learner's state_dict here")
+    parser.add_argument("--load", help="load a saved state_dict instead of training")
     parser.add_argument("--iterations", type=int, default=5000)
     parser.add_argument("--quick", action="store_true", help="1,000 iterations")
     parser.add_argument("--seed", type=int, default=0)
@@ -51,15 +56,23 @@ def main() -> None:
     train_tasks = sinusoid(shots, test_shots=shots, preset="maml", seed=args.seed)
     loader = BatchMetaDataLoader(train_tasks, batch_size=meta_batch_size, shuffle=True)
     model = fastmeta.models.SineMLP()  # 1-40-40-1 ReLU
-    cls = fastmeta.MAML if args.algorithm == "maml" else fastmeta.FOMAML
-    learner = cls(model, inner_lr=0.01, inner_steps=1)
-    untrained = cls(fastmeta.models.SineMLP(), inner_lr=0.01)
+    if args.algorithm == "reptile":  # 5 inner steps: one step would be joint training
+        learner: fastmeta.MetaLearner = fastmeta.Reptile(model, inner_lr=0.01, inner_steps=5)
+    else:
+        cls = fastmeta.MAML if args.algorithm == "maml" else fastmeta.FOMAML
+        learner = cls(model, inner_lr=0.01, inner_steps=1)
+    untrained = fastmeta.MAML(fastmeta.models.SineMLP(), inner_lr=0.01)
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
     held_out_tasks = sinusoid(shots, test_shots=shots, preset="maml", seed=args.seed + 1)
     held_out = fastmeta.Task(*(t for part in next(iter(BatchMetaDataLoader(
         held_out_tasks, batch_size=100))).values() for t in part))
 
-    print(f"{args.algorithm}: {iterations} meta-iterations, engine={learner.engine}")
+    if args.load:
+        learner.load_state_dict(torch.load(args.load, weights_only=True))
+        print(f"loaded {args.load}")
+        iterations = 0
+    else:
+        print(f"{args.algorithm}: {iterations} meta-iterations, engine={learner.engine}")
     start = time.perf_counter()
     for iteration, batch in enumerate(itertools.islice(loader, iterations), start=1):
         result = learner.meta_step(batch, optimizer)
@@ -67,6 +80,10 @@ def main() -> None:
             elapsed = time.perf_counter() - start
             print(f"  iteration {iteration:>6}  meta-loss {result.loss:7.3f}  "
                   f"({1000 * elapsed / iteration:.1f} ms/iteration)")
+
+    if args.save:
+        torch.save(learner.state_dict(), args.save)
+        print(f"saved the meta-trained weights to {args.save}")
 
     print(f"\nquery MSE on 100 held-out tasks, K={shots}, inner SGD lr=0.01:")
     print(f"  {'':<22}{'before':>8}{'1 step':>8}{f'{eval_steps} steps':>10}")

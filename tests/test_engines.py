@@ -99,6 +99,14 @@ def test_reptile_minibatches_agree_across_engines():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+def test_reptile_with_minibatches_adapts_for_zero_steps():
+    learner = fastmeta.Reptile(tiny_mlp(), inner_lr=0.05, inner_steps=4, inner_batch_size=3)
+    task = make_task(shots=5, dtype=torch.float64)
+    adapted = learner.adapt_many(task, steps=0)
+    torch.testing.assert_close(adapted(task.query_x), torch.stack(
+        [learner(task.query_x[t]) for t in range(task.num_tasks)]))
+
+
 def test_auto_picks_vmap_for_supported_models():
     assert fastmeta.MAML(tiny_mlp(), inner_lr=0.1).engine == "vmap"
     learner = fastmeta.MetaSGD(conv4_batchnorm(), inner_lr=0.1, inner_optimizer="adamw")

@@ -66,7 +66,7 @@ class Reptile(MetaLearner):
             self.inner_batch_size = check_steps("inner_batch_size", inner_batch_size, 1)
 
     def _batch_indices(self, task: Task, steps: int) -> Tensor | None:
-        if self.inner_batch_size is None:
+        if self.inner_batch_size is None or steps == 0:
             return None
         shots = int(task.support_x.shape[1])
         if self.inner_batch_size > shots:
