@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import models
+from . import distributed, models
 from ._gradcheck import GradcheckReport, gradcheck
 from ._inner_optim import INNER_OPTIMIZERS
 from ._learner import (
@@ -48,6 +48,7 @@ __all__ = [
     "Reptile",
     "Task",
     "__version__",
+    "distributed",
     "gradcheck",
     "models",
 ]

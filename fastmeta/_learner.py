@@ -21,6 +21,11 @@ from .engines import Engine, InnerLoop, InnerLoopOutput, MetaGrad, resolve_engin
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
+# ``sync(learner, local)`` runs ``local()`` (this process's meta-gradient, written into
+# ``.grad``) and returns the losses of the whole meta-batch, with ``.grad`` combined over
+# processes. Set by :func:`fastmeta.distributed.data_parallel`.
+MetaGradientSync = Callable[["MetaLearner", Callable[[], InnerLoopOutput]], InnerLoopOutput]
+
 _LOSSES: dict[str, LossFn] = {
     "mse": F.mse_loss,
     "l1": F.l1_loss,
@@ -231,6 +236,7 @@ class MetaLearner(nn.Module):
         )
         self.meta_steps_taken = 0
         self._warned_optimizer = False
+        self._meta_gradient_sync: MetaGradientSync | None = None
 
     # ------------------------------------------------------------------ hooks for algorithms
 
@@ -306,6 +312,9 @@ class MetaLearner(nn.Module):
 
         Zeroes the gradients, writes the meta-gradient into ``.grad`` of every
         meta-parameter (left there afterwards), and calls ``optimizer.step()``.
+        After :func:`fastmeta.distributed.data_parallel`, ``batch`` is this process's
+        share of the meta-batch, and the meta-gradient and the returned losses are those
+        of the whole meta-batch (every process's tasks).
 
         Args:
             batch: ``{"train": [x, y], "test": [x, y]}`` (or ``support``/``query``) with
@@ -318,11 +327,16 @@ class MetaLearner(nn.Module):
         Raises:
             DivergenceError: the meta-loss or meta-gradient is not finite; nothing was updated.
         """
-        self._check_optimizer(optimizer)
-        task = self._prepare(batch)
-        optimizer.zero_grad(set_to_none=True)
-        self.zero_grad(set_to_none=True)
-        output = self._meta_gradient(task)
+
+        def local() -> InnerLoopOutput:
+            self._check_optimizer(optimizer)
+            task = self._prepare(batch)
+            optimizer.zero_grad(set_to_none=True)
+            self.zero_grad(set_to_none=True)
+            return self._meta_gradient(task)
+
+        sync = self._meta_gradient_sync
+        output = local() if sync is None else sync(self, local)
         self._check_finite(output)
         optimizer.step()
         self.meta_steps_taken += 1
