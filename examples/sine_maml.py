@@ -50,6 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     iterations = 1000 if args.quick else args.iterations
 
+    torch.set_num_threads(1)  # a tiny MLP: a second thread only adds contention
     torch.manual_seed(args.seed)
     shots, meta_batch_size, eval_steps = 10, 25, 10
     # torchmeta-style task loader: batch["train"] = [x, y], each [25, 10, 1]

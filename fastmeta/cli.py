@@ -138,11 +138,14 @@ def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]
 
 
 def _run_bench(args: argparse.Namespace, run: Callable[..., dict[str, Any]], config: Any) -> int:
+    from . import distributed as fmd
     from .bench import Interrupted, StopFlag, TrainingDiverged
     from .bench._train import stop_on_sigint
 
+    fmd.init_from_env()  # under torchrun: join the job; otherwise nothing
+    main_process = fmd.is_main_process()
     progress = not args.quiet
-    log: Callable[[str], None] = (lambda _: None) if args.quiet else print
+    log: Callable[[str], None] = print if main_process and not args.quiet else (lambda _: None)
     flag = StopFlag()
     try:
         with stop_on_sigint(flag):
@@ -151,11 +154,17 @@ def _run_bench(args: argparse.Namespace, run: Callable[..., dict[str, Any]], con
                 plots=not args.no_plots, stop=flag, log=log,
             )
     except Interrupted as error:
-        print(f"fastmeta: {error}", file=sys.stderr)
+        if main_process:
+            print(f"fastmeta: {error}", file=sys.stderr)
         return 130
     except (TrainingDiverged, FileExistsError, ImportError) as error:
         print(f"fastmeta: error: {error}", file=sys.stderr)
         return 1
+    finally:
+        if fmd.is_distributed():
+            torch.distributed.destroy_process_group()
+    if not main_process:
+        return 0
     print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}"
           + "".join(f", {args.out / f}" for f in results.get("figures", [])))
     return 0

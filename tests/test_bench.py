@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -256,3 +257,23 @@ def test_bench_digits_writes_accuracy_for_every_algorithm_and_shot(tmp_path):
     checkpoint = saved["algorithms"]["maml"]["checkpoints"]["maml-1shot"]
     report = evaluate_checkpoint(tmp_path / checkpoint)
     assert report["results"]["1-shot"] == results["algorithms"]["maml"]["evaluation"]["1-shot"]
+
+
+@pytest.mark.slow
+def test_bench_sine_under_torchrun_matches_one_process(tmp_path):
+    common = ["bench", "sine", "--algorithms", "maml,metasgd", "--iterations", "6",
+              "--meta-batch-size", "5", "--eval-tasks", "8", "--eval-shots", "3",
+              "--eval-steps", "2", "--no-plots", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "-m", "fastmeta"]
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([*torchrun, *common, "--out", str(tmp_path / "two")], check=True,
+                   timeout=300, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    one = json.loads((tmp_path / "one" / "results.json").read_text())["algorithms"]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())["algorithms"]
+    assert not (tmp_path / "two" / "checkpoints" / "maml.pt.tmp").exists()
+    for name in ("maml", "metasgd"):
+        for a, b in zip(one[name]["evaluation"]["curves"]["3"]["summaries"],
+                        two[name]["evaluation"]["curves"]["3"]["summaries"], strict=True):
+            assert a["mean"] == pytest.approx(b["mean"], rel=1e-4)

@@ -13,8 +13,10 @@ from types import FrameType
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .. import __version__
+from .. import distributed as fmd
 from .._learner import DivergenceError, MetaLearner
 from ._checkpoint import load_checkpoint, save_checkpoint
 from ._progress import Progress
@@ -198,6 +200,11 @@ def train(
     record = restore(run) if resume and run.checkpoint.exists() else TrainingRecord()
     if record.iterations >= run.iterations:
         return record
+    distributed = fmd.is_distributed()
+    if distributed:  # each rank trains on its share of every meta-batch
+        fmd.data_parallel(run.learner)
+        write = write and fmd.is_main_process()
+        progress = progress and fmd.is_main_process()
     window = max(1, run.iterations // 200)
     bar = Progress(run.iterations, run.name, start=record.iterations, enabled=progress)
     times: list[float] = []
@@ -217,7 +224,8 @@ def train(
         batch = run.batch(iteration)
         tick = time.perf_counter()
         try:
-            result = run.learner.meta_step(batch, run.optimizer)
+            result = run.learner.meta_step(fmd.shard(batch) if distributed else batch,
+                                           run.optimizer)
         except DivergenceError as error:
             bar.close()
             kept = (
@@ -245,6 +253,8 @@ def train(
         stopping = (stop is not None and stop.requested) or (
             stop_after is not None and record.iterations >= stop_after
         )
+        if distributed:  # stop together: a rank that stopped alone would hang the others
+            stopping = _any_rank(stopping)
         if record.iterations % checkpoint_every == 0 or stopping:
             checkpoint()
         if stopping and record.iterations < run.iterations:
@@ -257,6 +267,13 @@ def train(
         checkpoint()
     bar.close()
     return record
+
+
+def _any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process of the job."""
+    value = torch.tensor([int(flag)], device=fmd.device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def save_untrained(run: TrainingRun) -> TrainingRecord:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed as fmd
 from .._learner import MetaLearner
 from .._task import Task
 from ..algorithms import ANIL
@@ -330,7 +331,7 @@ def run_digits(
         for shots in trained_for:
             evaluated = config.shots if algorithm == "finetune" else (shots,)
             spec = learner_spec(config, algorithm)
-            learner = build_learner(spec, seed=config.seed)
+            learner = build_learner(spec, seed=config.seed).to(fmd.device())
             name = algorithm if algorithm == "finetune" else f"{algorithm}-{shots}shot"
             run = TrainingRun(
                 name,
@@ -351,6 +352,8 @@ def run_digits(
                 stop=stop,
                 stop_after=stop_after,
             )
+            if not fmd.is_main_process():
+                continue  # rank 0 evaluates and writes
             log(f"evaluating {name} on {config.eval_tasks} held-out tasks")
             entry["evaluation"].update(
                 evaluate_learner(learner, algorithm, dataclasses.replace(config, shots=evaluated))
@@ -363,6 +366,8 @@ def run_digits(
             }
             entry["checkpoints"][name] = str(run.checkpoint.relative_to(out))
         results["algorithms"][algorithm] = entry
+    if not fmd.is_main_process():
+        return results
     figures = []
     if plots:
         panels = {

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from .. import distributed as fmd
 from .._learner import MetaLearner
 from .._task import Task
 from ..data import BatchMetaCollate, sinusoid
@@ -384,6 +385,10 @@ def run_sine(
         stop_after: stop each algorithm's training after this meta-iteration (for tests).
         log: where status lines go.
 
+    Under ``torchrun`` every process trains on its share of each meta-batch (see
+    :mod:`fastmeta.distributed`); only rank 0 writes checkpoints, evaluates and writes
+    results (the others return the training part of the results).
+
     Returns:
         The content of ``results.json``.
 
@@ -413,7 +418,7 @@ def run_sine(
     learners: dict[str, MetaLearner] = {}
     for algorithm in config.algorithms:
         spec = learner_spec(config, algorithm)
-        learner = build_learner(spec, seed=config.seed)
+        learner = build_learner(spec, seed=config.seed).to(fmd.device())
         optimizer = torch.optim.Adam(learner.parameters(), lr=config.meta_lr)
         iterations = 0 if algorithm == "random" else config.iterations
         run = TrainingRun(
@@ -428,7 +433,7 @@ def run_sine(
             metadata={"config": config.as_dict()},
         )
         if iterations == 0:
-            record = save_untrained(run)
+            record = save_untrained(run) if fmd.is_main_process() else TrainingRecord()
         else:
             record = train(
                 run,
@@ -448,6 +453,8 @@ def run_sine(
             "checkpoint": str(run.checkpoint.relative_to(out)),
             "training": _training_summary(record),
         }
+    if not fmd.is_main_process():
+        return results  # rank 0 evaluates and writes
     for algorithm, learner in learners.items():
         log(f"evaluating {algorithm} on {config.eval_tasks} held-out tasks")
         results["algorithms"][algorithm]["evaluation"] = evaluate_learner(learner, config)
