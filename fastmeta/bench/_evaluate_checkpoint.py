@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ._checkpoint import load_checkpoint
+from ._config import BenchConfig
 from ._plots import curves
 from ._registry import build_learner
 from ._stats import format_cell
@@ -22,6 +23,22 @@ def _table(algorithm: str, label: str, by_setting: dict[str, dict[str, Any]]) ->
                 f"  {step:>3} steps  {format_cell(summary, digits=4):<28} median {median:.4f}"
             )
     return "\n".join(lines)
+
+
+C = TypeVar("C", bound=BenchConfig)
+
+
+def _override(
+    config_class: type[C], payload: dict[str, Any], algorithm: str, overrides: dict[str, Any]
+) -> C:
+    """The run's configuration from the checkpoint, with the given settings replaced."""
+    values = {
+        **payload["metadata"]["config"],
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()
+           if v is not None},
+        "algorithms": [algorithm],
+    }
+    return config_class.from_dict(values)
 
 
 def evaluate_checkpoint(
@@ -57,15 +74,8 @@ def evaluate_checkpoint(
     if benchmark == "sine":
         from . import sine
 
-        config = sine.SineConfig.from_dict(payload["metadata"]["config"])
-        settings: dict[str, Any] = {}
-        if shots is not None:
-            settings["eval_shots"] = tuple(shots)
-        if steps is not None:
-            settings["eval_steps"] = steps
-        if tasks is not None:
-            settings["eval_tasks"] = tasks
-        config = sine.SineConfig(**{**config.as_dict(), **settings, "algorithms": (algorithm,)})
+        config = _override(sine.SineConfig, payload, algorithm, {
+            "eval_shots": shots, "eval_steps": steps, "eval_tasks": tasks})
         evaluation = sine.evaluate_learner(learner, config)
         results = {f"K={k}": evaluation["curves"][str(k)] for k in config.eval_shots}
         label = "query MSE"
@@ -87,17 +97,8 @@ def evaluate_checkpoint(
     elif benchmark == "digits":
         from . import digits
 
-        config_d = digits.DigitsConfig.from_dict(payload["metadata"]["config"])
-        overrides: dict[str, Any] = {}
-        if shots is not None:
-            overrides["shots"] = tuple(shots)
-        if steps is not None:
-            overrides["eval_steps"] = steps
-        if tasks is not None:
-            overrides["eval_tasks"] = tasks
-        config_d = digits.DigitsConfig(
-            **{**config_d.as_dict(), **overrides, "algorithms": (algorithm,)}
-        )
+        config_d = _override(digits.DigitsConfig, payload, algorithm, {
+            "shots": shots, "eval_steps": steps, "eval_tasks": tasks})
         results = digits.evaluate_learner(learner, algorithm, config_d)
         label = "query accuracy"
         if plot_dir is not None:

@@ -30,6 +30,18 @@ def _grid(count: int) -> tuple[int, int]:
     return math.ceil(count / columns), columns
 
 
+def _finish(plt: Any, figure: Any, axes: Any, used: int, title: str, path: Path) -> Path:
+    """Hide unused panels, add the legend and title, write the PNG and free the figure."""
+    for axis in list(axes.flat)[used:]:
+        axis.set_visible(False)
+    axes.flat[0].legend(fontsize="small")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def curves(
     panels: dict[str, dict[str, dict[str, Any]]],
     path: Path,
@@ -64,14 +76,7 @@ def curves(
             axis.set_yscale("log")
     for axis in axes[:, 0]:
         axis.set_ylabel(ylabel)
-    for axis in list(axes.flat)[len(panels) :]:
-        axis.set_visible(False)
-    axes.flat[0].legend(fontsize="small")
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _finish(plt, figure, axes, len(panels), title, path)
 
 
 def fits(
@@ -106,11 +111,4 @@ def fits(
         axis.set_ylim(low - pad, high + pad)
         axis.set_title(panel)
         axis.grid(alpha=0.3)
-    for axis in list(axes.flat)[len(panels) :]:
-        axis.set_visible(False)
-    axes.flat[0].legend(fontsize="small")
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _finish(plt, figure, axes, len(panels), title, path)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from .._task import Task
 from ..algorithms import ANIL
 from ..data import BatchMetaCollate, ClassSplitter, Digits
 from . import _plots
+from ._config import BenchConfig, prepare_out
 from ._evaluate import accuracy, fine_tuning_curve
 from ._registry import build_learner
 from ._stats import format_cell
@@ -45,7 +45,7 @@ FINETUNE_BATCH = 64  # images per step of the baseline's ordinary training
 
 
 @dataclass(frozen=True)
-class DigitsConfig:
+class DigitsConfig(BenchConfig):
     """Settings of ``fastmeta bench digits``.
 
     Attributes:
@@ -83,36 +83,18 @@ class DigitsConfig:
     checkpoint_every: int = 250
 
     def __post_init__(self) -> None:
-        unknown = [a for a in self.algorithms if a not in DIGITS_ALGORITHMS]
-        if unknown or not self.algorithms:
-            raise ValueError(
-                f"algorithms: unknown {unknown or list(self.algorithms)!r}; choose from "
-                f"{','.join(DIGITS_ALGORITHMS)}"
-            )
+        self._validate(
+            allowed_algorithms=DIGITS_ALGORITHMS,
+            counts=("query", "iterations", "meta_batch_size", "hidden", "inner_steps",
+                    "eval_tasks", "checkpoint_every"),
+            int_lists=("shots",),
+            rates=("inner_lr", "meta_lr"),
+        )
         if not 2 <= self.ways <= 8:
             raise ValueError(
                 f"ways must be between 2 and 8 (the held-out split has 8 classes), got "
                 f"{self.ways}"
             )
-        for name in ("query", "iterations", "meta_batch_size", "hidden", "inner_steps",
-                     "eval_tasks", "checkpoint_every"):
-            value = getattr(self, name)
-            if value < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {value}")
-        if not self.shots or min(self.shots) < 1:
-            raise ValueError(f"shots must be integers >= 1, got {list(self.shots)}")
-        if self.eval_steps < 0:
-            raise ValueError(f"eval-steps must be >= 0, got {self.eval_steps}")
-        for name in ("inner_lr", "meta_lr"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name.replace('_', '-')} must be > 0, got {value}")
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready values."""
-        return {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-        }
 
     def training_dict(self, shots: int) -> dict[str, Any]:
         """The settings that determine one learner's training (checked on ``--resume``)."""
@@ -120,15 +102,6 @@ class DigitsConfig:
         for key in ("algorithms", "shots", "checkpoint_every", "eval_steps", "eval_tasks"):
             del values[key]
         return {**values, "train_shots": shots}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> DigitsConfig:
-        """Inverse of :meth:`as_dict`."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        settings: dict[str, Any] = {
-            k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields
-        }
-        return cls(**settings)
 
 
 def quick_digits_config(**overrides: Any) -> DigitsConfig:
@@ -310,13 +283,7 @@ def run_digits(
     if plots:
         _plots.pyplot()
     out = Path(out)
-    checkpoints = out / "checkpoints"
-    if not resume and checkpoints.is_dir() and any(checkpoints.glob("*.pt")):
-        raise FileExistsError(
-            f"{out} already holds checkpoints from a run; pass --resume to continue it, or "
-            f"choose another --out directory"
-        )
-    checkpoints.mkdir(parents=True, exist_ok=True)
+    checkpoints = prepare_out(out, resume=resume)
     started = time.perf_counter()
     results: dict[str, Any] = {
         "benchmark": "digits",

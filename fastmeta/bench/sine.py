@@ -9,7 +9,6 @@ SGD α = 0.01, query MSE reported as mean ± 95% confidence interval.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import platform
@@ -29,6 +28,7 @@ from .._task import Task
 from ..data import BatchMetaCollate, sinusoid
 from . import _plots
 from ._checkpoint import load_checkpoint
+from ._config import BenchConfig, prepare_out
 from ._evaluate import adapt_quietly, fine_tuning_curve, per_task
 from ._registry import build_learner
 from ._stats import format_cell, summarize
@@ -50,7 +50,7 @@ REPTILE_INNER_STEPS = 5
 
 
 @dataclass(frozen=True)
-class SineConfig:
+class SineConfig(BenchConfig):
     """Settings of ``fastmeta bench sine`` (the MAML paper's protocol by default).
 
     Attributes:
@@ -87,33 +87,15 @@ class SineConfig:
     checkpoint_every: int = 1000
 
     def __post_init__(self) -> None:
-        unknown = [a for a in self.algorithms if a not in SINE_ALGORITHMS]
-        if unknown or not self.algorithms:
-            raise ValueError(
-                f"algorithms: unknown {unknown or list(self.algorithms)!r}; choose from "
-                f"{','.join(SINE_ALGORITHMS)}"
-            )
+        self._validate(
+            allowed_algorithms=SINE_ALGORITHMS,
+            counts=("iterations", "meta_batch_size", "train_shots", "eval_tasks", "eval_query",
+                    "checkpoint_every"),
+            int_lists=("eval_shots",),
+            rates=("inner_lr", "meta_lr"),
+        )
         if self.preset not in ("maml", "reptile"):
             raise ValueError(f"preset must be 'maml' or 'reptile', got {self.preset!r}")
-        positive = {
-            "iterations": self.iterations,
-            "meta_batch_size": self.meta_batch_size,
-            "train_shots": self.train_shots,
-            "eval_tasks": self.eval_tasks,
-            "eval_query": self.eval_query,
-            "checkpoint_every": self.checkpoint_every,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {value}")
-        if not self.eval_shots or min(self.eval_shots) < 1:
-            raise ValueError(f"eval-shots must be integers >= 1, got {list(self.eval_shots)}")
-        if self.eval_steps < 0:
-            raise ValueError(f"eval-steps must be >= 0, got {self.eval_steps}")
-        for name in ("inner_lr", "meta_lr"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name.replace('_', '-')} must be > 0, got {value}")
 
     def training_dict(self) -> dict[str, Any]:
         """The settings that determine a learner's training (checked on ``--resume``).
@@ -127,21 +109,6 @@ class SineConfig:
                     "eval_query"):
             del values[key]
         return values
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready values (tuples become lists)."""
-        return {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-        }
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> SineConfig:
-        """Inverse of :meth:`as_dict`."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        settings: dict[str, Any] = {
-            k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields
-        }
-        return cls(**settings)
 
 
 def quick_config(**overrides: Any) -> SineConfig:
@@ -400,13 +367,7 @@ def run_sine(
     if plots:
         _plots.pyplot()  # fail before hours of training, not after
     out = Path(out)
-    checkpoints = out / "checkpoints"
-    if not resume and checkpoints.is_dir() and any(checkpoints.glob("*.pt")):
-        raise FileExistsError(
-            f"{out} already holds checkpoints from a run; pass --resume to continue it, or "
-            f"choose another --out directory"
-        )
-    checkpoints.mkdir(parents=True, exist_ok=True)
+    checkpoints = prepare_out(out, resume=resume)
     started = time.perf_counter()
     batches = training_batches(config)
     results: dict[str, Any] = {
