@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from .anil import ANIL
+from .daml import DAML
 from .maml import FOMAML, MAML
 from .meta_sgd import MetaSGD
 from .reptile import Reptile
 
-__all__ = ["ANIL", "FOMAML", "MAML", "MetaSGD", "Reptile"]
+__all__ = ["ANIL", "DAML", "FOMAML", "MAML", "MetaSGD", "Reptile"]
