@@ -15,7 +15,7 @@ code behind `fastmeta bench daml`; this script only calls it.
 
 Usage:
     python examples/daml_sine.py                    # the full run (see README for timings)
-    python examples/daml_sine.py --quick            # 1,500 iterations, under a minute
+    python examples/daml_sine.py --quick            # 500 iterations, under a minute
     python examples/daml_sine.py --iterations 5000 --out runs/daml --engine higher
 """
 

@@ -59,6 +59,13 @@ def test_meta_gradient_reaches_model_and_loss_network_and_matches_finite_differe
     assert _gradcheck(learner, fastmeta.Task(task.support_x, None, task.query_x, task.query_y))
 
 
+def test_fastmeta_gradcheck_checks_daml_on_unlabelled_batches():
+    learner = daml(loss=LossNet(torch.float32)).float()
+    report = fastmeta.gradcheck(learner, unlabelled(make_task()), max_elements=1)
+    assert report.ok, str(report)
+    assert any(name.startswith("adaptation_loss.") for name in report.errors)
+
+
 def _forward(x, w):  # type: ignore[no-untyped-def]
     h1 = torch.tanh(F.linear(x, w[0], w[1]))
     h2 = torch.tanh(F.linear(h1, w[2], w[3]))

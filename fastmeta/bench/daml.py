@@ -52,7 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "num_target_per_task": 4,
     "grid_points": 200,
     "iterations": 8_000,
-    "quick_iterations": 1_000,
+    "quick_iterations": 500,
     "quick_eval_tasks": 200,
 }
 
