@@ -6,8 +6,8 @@ from [π/4, π/2] for phase 0 and from [-π/2, -π/4] for phase π. The model (1
 ReLU) takes 5 inner SGD steps (α = 0.03) on a learned loss: a network over the model's
 output and both hidden layers, [y, h2, h1] → 32 → 32 → 1, whose output h gives the
 inner loss |h|. The model's initialisation and the loss network are meta-trained
-together on the L1 error on 4 labelled target points per task (Adam 1e-3 with cosine
-decay, 25 tasks per meta-batch).
+together on the L1 error on 4 labelled target points per task (Adam 3e-3 with cosine
+decay, 25 tasks per meta-batch, 8,000 iterations).
 
 Afterwards the adapted model is evaluated on 1,000 new tasks (200-point grid) and
 plotted against both candidate waves. The experiment lives in fastmeta.bench.daml, the
@@ -16,7 +16,7 @@ code behind `fastmeta bench daml`; this script only calls it.
 Usage:
     python examples/daml_sine.py                    # the full run (see README for timings)
     python examples/daml_sine.py --quick            # 500 iterations, under a minute
-    python examples/daml_sine.py --iterations 5000 --out runs/daml --engine higher
+    python examples/daml_sine.py --iterations 200 --engine higher --out runs/daml_higher
 """
 
 from __future__ import annotations
