@@ -25,7 +25,7 @@ from ._learner import (
     MetaStepResult,
 )
 from ._task import Task
-from .algorithms import ANIL, FOMAML, MAML, JointTraining, MetaSGD, Reptile
+from .algorithms import ANIL, DAML, FOMAML, MAML, JointTraining, MetaSGD, Reptile
 
 try:
     __version__ = version("fastmeta")
@@ -34,6 +34,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 
 __all__ = [
     "ANIL",
+    "DAML",
     "FOMAML",
     "INNER_OPTIMIZERS",
     "MAML",

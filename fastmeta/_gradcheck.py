@@ -96,7 +96,9 @@ def gradcheck(
             f"the same model with first_order=False, e.g. fastmeta.MAML(model, ...)"
         )
     reference = copy.deepcopy(learner).double()
-    task = Task(*(t.double() if t.is_floating_point() else t for t in as_task(batch)))
+    task = Task(*(  # type: ignore[arg-type]
+        t.double() if t is not None and t.is_floating_point() else t for t in as_task(batch)
+    ))
 
     def meta_loss() -> Tensor:
         with torch.random.fork_rng(devices=[]):

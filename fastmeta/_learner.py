@@ -17,7 +17,7 @@ from torch.func import functional_call
 
 from ._inner_optim import InnerOptimizer, resolve_inner_optimizer
 from ._task import Task, as_task, single_task, to_model
-from .engines import Engine, InnerLoop, InnerLoopOutput, MetaGrad, resolve_engine
+from .engines import Engine, InnerLoop, InnerLoopOutput, LearnedLoss, MetaGrad, resolve_engine
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -257,6 +257,10 @@ class MetaLearner(nn.Module):
         """Support minibatch indices ``[tasks, steps, batch]``, or ``None`` (full batch)."""
         return None
 
+    def _learned_loss(self) -> LearnedLoss | None:
+        """A learned inner loss replacing ``loss_fn`` on the support set, or ``None``."""
+        return None
+
     def _meta_grad(self) -> MetaGrad:
         return MetaGrad.FIRST_ORDER if self.first_order else MetaGrad.SECOND_ORDER
 
@@ -269,6 +273,7 @@ class MetaLearner(nn.Module):
             steps=steps,
             lrs=self._learned_lrs(),
             batch_indices=self._batch_indices(task, steps),
+            learned_loss=self._learned_loss(),
         )
 
     def _meta_gradient(self, task: Task) -> InnerLoopOutput:
@@ -291,7 +296,18 @@ class MetaLearner(nn.Module):
         return next(p for p in self.module.parameters())
 
     def _prepare(self, batch: Task | Mapping[str, Any]) -> Task:
-        return to_model(as_task(batch), self._reference())
+        return self._check_support_targets(to_model(as_task(batch), self._reference()))
+
+    def _check_support_targets(self, task: Task) -> Task:
+        if task.support_y is None and self._learned_loss() is None:
+            raise ValueError(
+                f"the support set has no targets (support_y is None: the batch's support "
+                f"part holds inputs only), but {type(self).__name__}'s inner loss "
+                f"loss_fn(prediction, target) needs them. Pass them (adapt(x, y), or a batch "
+                f"{{'train': [x, y], ...}}), or use fastmeta.DAML, whose inner loss is learned "
+                f"and needs no targets"
+            )
+        return task
 
     def meta_loss(self, batch: Task | Mapping[str, Any]) -> Tensor:
         """Mean query loss after adaptation, differentiable w.r.t. the meta-parameters.
@@ -346,12 +362,15 @@ class MetaLearner(nn.Module):
             inner_losses=output.support_losses.cpu(),
         )
 
-    def adapt(self, x: Tensor, y: Tensor, *, steps: int | None = None) -> AdaptedModel:
+    def adapt(
+        self, x: Tensor, y: Tensor | None = None, *, steps: int | None = None
+    ) -> AdaptedModel:
         """Fine-tune on one task's support set; the wrapped model is left untouched.
 
         Args:
             x: support inputs ``[shots, ...]``.
-            y: support targets ``[shots, ...]``.
+            y: support targets ``[shots, ...]``; leave out only for learners with a
+                learned inner loss (:class:`fastmeta.DAML`), which adapt on inputs alone.
             steps: inner steps (default: the learner's ``inner_steps``; 0 is allowed).
 
         Returns:
@@ -362,7 +381,7 @@ class MetaLearner(nn.Module):
             >>> prediction = adapted(query_x)
         """
         steps = self.inner_steps if steps is None else check_steps("steps", steps, 0)
-        task = to_model(single_task(x, y), self._reference())
+        task = self._check_support_targets(to_model(single_task(x, y), self._reference()))
         output = self._adapt(task, steps)
         assert output.params is not None and output.buffers is not None  # keep_params=True
         return AdaptedTasks(self.module, output.params, output.buffers, output.support_losses)[0]

@@ -17,6 +17,8 @@ class Task(NamedTuple):
 
     Every tensor has a leading task dimension: ``support_x`` is ``[tasks, shots, ...]``,
     ``support_y`` is ``[tasks, shots, ...]``, and likewise for the query set.
+    ``support_y`` is ``None`` for unlabelled support sets, which only learners with a
+    learned inner loss (:class:`fastmeta.DAML`) can adapt on.
 
     Example:
         >>> task = Task(torch.randn(4, 10, 1), torch.randn(4, 10, 1),
@@ -26,7 +28,7 @@ class Task(NamedTuple):
     """
 
     support_x: Tensor
-    support_y: Tensor
+    support_y: Tensor | None
     query_x: Tensor
     query_y: Tensor
 
@@ -36,7 +38,8 @@ class Task(NamedTuple):
         return int(self.support_x.shape[0])
 
 
-def _pair(batch: Mapping[str, Any], keys: tuple[str, ...], role: str) -> tuple[Tensor, Tensor]:
+def _pair(batch: Mapping[str, Any], keys: tuple[str, ...], role: str) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of one half; a support set may be inputs alone."""
     for key in keys:
         if key in batch:
             value = batch[key]
@@ -47,9 +50,19 @@ def _pair(batch: Mapping[str, Any], keys: tuple[str, ...], role: str) -> tuple[T
             f"{list(batch.keys())}. A torchmeta-style batch is "
             f"{{'train': [x, y], 'test': [x, y]}} (or 'support'/'query')"
         )
+    if role == "support":  # unlabelled: a bare tensor, [inputs] or [inputs, None]
+        if isinstance(value, Tensor):
+            return value, None
+        inputs_only = isinstance(value, Sequence) and not isinstance(value, str) and (
+            len(value) == 1 or (len(value) == 2 and value[1] is None)
+        )
+        if inputs_only:
+            return value[0], None
     if not isinstance(value, Sequence) or isinstance(value, (str, Tensor)) or len(value) != 2:
         raise ValueError(
-            f"batch[{key!r}] must be a pair [inputs, targets], got {type(value).__name__}"
+            f"batch[{key!r}] must be a pair [inputs, targets]"
+            + (" (or [inputs] alone for an unlabelled support set)" if role == "support" else "")
+            + f", got {type(value).__name__}"
             + (f" of length {len(value)}" if isinstance(value, Sequence) else "")
         )
     return value[0], value[1]
@@ -61,6 +74,8 @@ def as_task(batch: Task | Mapping[str, Any] | Sequence[Tensor]) -> Task:
     Args:
         batch: ``{"train": [x, y], "test": [x, y]}`` (keys ``support``/``query`` also
             accepted), a :class:`Task`, or a tuple ``(support_x, support_y, query_x, query_y)``.
+            An unlabelled support set is ``"train": [x]`` (or ``x``, or ``[x, None]``) and
+            gives ``support_y=None``.
 
     Returns:
         The validated :class:`Task`.
@@ -88,6 +103,8 @@ def as_task(batch: Task | Mapping[str, Any] | Sequence[Tensor]) -> Task:
 def validate_task(task: Task) -> None:
     """Check shapes: same task count everywhere, same example count for x and y."""
     for name, value in zip(Task._fields, task):
+        if value is None and name == "support_y":
+            continue
         if not isinstance(value, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if value.dim() < 2:
@@ -97,7 +114,7 @@ def validate_task(task: Task) -> None:
             )
     for prefix in ("support", "query"):
         x, y = getattr(task, f"{prefix}_x"), getattr(task, f"{prefix}_y")
-        if x.shape[:2] != y.shape[:2]:
+        if y is not None and x.shape[:2] != y.shape[:2]:
             raise ValueError(
                 f"{prefix}_x and {prefix}_y must agree on [tasks, examples], got "
                 f"{tuple(x.shape[:2])} and {tuple(y.shape[:2])}"
@@ -123,18 +140,32 @@ def to_model(task: Task, reference: Tensor) -> Task:
     float64 while models are usually float32; casting here spares users that error.
     """
 
-    def move(value: Tensor) -> Tensor:
+    def move(value: Tensor | None) -> Tensor | None:
+        if value is None:
+            return None
         dtype = reference.dtype if value.is_floating_point() else value.dtype
         return value.to(device=reference.device, dtype=dtype)
 
-    return Task(*(move(value) for value in task))
+    return Task(*(move(value) for value in task))  # type: ignore[arg-type]
 
 
-def single_task(x: Tensor, y: Tensor, name_x: str = "x", name_y: str = "y") -> Task:
-    """A one-task :class:`Task` from one task's support set (query = support)."""
-    for name, value in ((name_x, x), (name_y, y)):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+def single_task(x: Tensor, y: Tensor | None, name_x: str = "x", name_y: str = "y") -> Task:
+    """A one-task :class:`Task` from one task's support set (query = support).
+
+    ``y=None`` gives an unlabelled support set; the query half then repeats the inputs
+    as placeholder targets (``adapt`` never evaluates the query half).
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name_x} must be a torch.Tensor, got {type(x).__name__}")
+    if y is None:
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(
+                f"{name_x} must hold at least one example along dim 0, got shape {tuple(x.shape)}"
+            )
+        x = x.unsqueeze(0)
+        return Task(x, None, x, x)
+    if not isinstance(y, Tensor):
+        raise TypeError(f"{name_y} must be a torch.Tensor, got {type(y).__name__}")
     if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
         raise ValueError(
             f"{name_x} and {name_y} must hold the same number of examples along dim 0, got "

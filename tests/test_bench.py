@@ -277,3 +277,10 @@ def test_bench_sine_under_torchrun_matches_one_process(tmp_path):
         for a, b in zip(one[name]["evaluation"]["curves"]["3"]["summaries"],
                         two[name]["evaluation"]["curves"]["3"]["summaries"], strict=True):
             assert a["mean"] == pytest.approx(b["mean"], rel=1e-4)
+
+
+def test_cli_bench_daml_writes_its_results(tmp_path, capsys):
+    assert main(["bench", "daml", "--iterations", "3", "--eval-tasks", "4", "--quiet",
+                 "--out", str(tmp_path)]) == 0
+    assert "# DAML on sine waves" in capsys.readouterr().out
+    assert (tmp_path / "daml_sine.png").read_bytes()[:8] == PNG

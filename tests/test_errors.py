@@ -136,7 +136,12 @@ def test_batch_missing_a_part(missing, present):
 def test_batch_part_must_be_a_pair():
     task = make_task()
     learner = fastmeta.MAML(mlp(), inner_lr=0.1)
+    three = [task.support_x, task.support_y, task.support_y]
     with pytest.raises(ValueError, match=r"batch\['train'\] must be a pair \[inputs, targets\]"):
+        learner.meta_step({"train": three, "test": [task.query_x, task.query_y]},
+                          torch.optim.SGD(learner.parameters(), lr=0.1))
+    # [inputs] alone is an unlabelled support set: refused by MAML, with a pointer to DAML
+    with pytest.raises(ValueError, match="support set has no targets.*fastmeta.DAML"):
         learner.meta_step({"train": [task.support_x], "test": [task.query_x, task.query_y]},
                           torch.optim.SGD(learner.parameters(), lr=0.1))
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from .anil import ANIL
+from .daml import DAML
 from .joint import JointTraining
 from .maml import FOMAML, MAML
 from .meta_sgd import MetaSGD
 from .reptile import Reptile
 
-__all__ = ["ANIL", "FOMAML", "JointTraining", "MAML", "MetaSGD", "Reptile"]
+__all__ = ["ANIL", "DAML", "FOMAML", "JointTraining", "MAML", "MetaSGD", "Reptile"]

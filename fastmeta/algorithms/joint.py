@@ -53,6 +53,7 @@ class JointTraining(MetaLearner):
 
     def _pooled_losses(self, task: Task) -> Tensor:
         """``[tasks]`` loss of the model on all of each task's examples."""
+        assert task.support_y is not None  # _prepare refuses unlabelled support sets
         x = torch.cat([task.support_x, task.query_x], dim=1)
         y = torch.cat([task.support_y, task.query_y], dim=1)
         flat = self.module(x.flatten(0, 1))

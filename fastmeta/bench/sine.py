@@ -207,6 +207,7 @@ def predictions(
 
 
 def _fit_panel(learner: MetaLearner, task: Task, steps: tuple[int, ...]) -> dict[str, Any]:
+    assert task.support_y is not None  # fit_task is labelled
     return {
         "x": task.query_x[0].flatten().tolist(),
         "truth": task.query_y[0].flatten().tolist(),

@@ -23,6 +23,7 @@ from fastmeta.data._classification import (
     LabelledClassDataset,
 )
 from fastmeta.data._digits import Digits
+from fastmeta.data._domain_shift import DomainShiftSinusoid, UnlabelledTask
 from fastmeta.data._loaders import (
     BatchMetaCollate,
     BatchMetaDataLoader,
@@ -66,6 +67,7 @@ __all__ = [
     "CombinationSequentialSampler",
     "ConcatTask",
     "Digits",
+    "DomainShiftSinusoid",
     "FewShotDataset",
     "FewShotImageFolder",
     "Harmonic",
@@ -82,6 +84,7 @@ __all__ = [
     "SinusoidTask",
     "SubsetTask",
     "Task",
+    "UnlabelledTask",
     "no_collate",
     "sinusoid",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from torch import Tensor
 from torch.distributed import ProcessGroup
@@ -101,6 +101,7 @@ def shard(
             return type(value)(cut(item) for item in value)
         return value
 
-    if isinstance(batch, Task):
-        return Task(*(value[start:stop] for value in batch))
+    if isinstance(batch, Task):  # support_y is None for unlabelled support sets (DAML)
+        parts = [None if v is None else v[start:stop] for v in batch]
+        return cast(Batch, Task._make(parts))
     return cut(batch)

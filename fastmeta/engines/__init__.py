@@ -14,7 +14,7 @@ from torch import nn
 
 from .._inner_optim import InnerOptimizer
 from ._auto import AutoEngine, vmap_obstacle
-from ._base import Engine, InnerLoop, InnerLoopOutput, MetaGrad
+from ._base import Engine, InnerLoop, InnerLoopOutput, LearnedLoss, MetaGrad
 from ._higher import DifferentiableAdam, DifferentiableAdamW, HigherEngine
 from ._vmap import VmapEngine
 
@@ -57,6 +57,7 @@ __all__ = [
     "HigherEngine",
     "InnerLoop",
     "InnerLoopOutput",
+    "LearnedLoss",
     "MetaGrad",
     "VmapEngine",
     "resolve_engine",

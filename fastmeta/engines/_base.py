@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,21 @@ from .._inner_optim import InnerOptimizer
 from .._task import Task
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class LearnedLoss:
+    """An inner loss computed from what the model produced, without support targets.
+
+    Attributes:
+        loss: ``loss(output, *features) -> scalar`` (e.g. a network whose parameters are
+            meta-parameters). ``features`` are the outputs of the submodules named in
+            ``features``, in that order, captured during the same forward pass.
+        features: names of submodules as in ``model.named_modules()``.
+    """
+
+    loss: Callable[..., Tensor]
+    features: tuple[str, ...] = ()
 
 
 class MetaGrad(enum.Enum):
@@ -37,6 +53,8 @@ class InnerLoop:
         lrs: learned per-parameter rates (Meta-SGD), keyed like ``adapted``, or ``None``.
         batch_indices: ``[tasks, steps, batch]`` support indices for minibatch inner steps
             (Reptile's ``inner_batch_size``), or ``None`` for full-batch steps.
+        learned_loss: replaces ``loss_fn(output, support_y)`` in the inner loop (DAML);
+            the query loss stays ``loss_fn``.
     """
 
     adapted: tuple[str, ...]
@@ -46,6 +64,7 @@ class InnerLoop:
     steps: int
     lrs: dict[str, Tensor] | None = None
     batch_indices: Tensor | None = None
+    learned_loss: LearnedLoss | None = None
 
 
 @dataclass
@@ -97,13 +116,85 @@ class Engine:
         raise NotImplementedError
 
 
-def support_batch(task: Task, loop: InnerLoop, index: int, step: int) -> tuple[Tensor, Tensor]:
-    """Support examples of task ``index`` used at inner step ``step``."""
-    x, y = task.support_x[index], task.support_y[index]
+def support_batch(
+    task: Task, loop: InnerLoop, index: int, step: int
+) -> tuple[Tensor, Tensor | None]:
+    """Support examples of task ``index`` used at inner step ``step`` (targets may be None)."""
+    x = task.support_x[index]
+    y = None if task.support_y is None else task.support_y[index]
     if loop.batch_indices is None:
         return x, y
     rows = loop.batch_indices[index, step]
-    return x[rows], y[rows]
+    return x[rows], None if y is None else y[rows]
+
+
+@contextlib.contextmanager
+def captured(module: nn.Module, names: tuple[str, ...]) -> Iterator[list[Tensor | None]]:
+    """Outputs of the submodules ``names`` of ``module`` during the block, in that order.
+
+    Forward hooks are put on the submodules of the very module object that runs (the
+    user's model under ``torch.func.functional_call``, higher's functional copy under
+    higher, whose submodules are copies too) and removed afterwards, so the model is
+    left as it was. A submodule called twice keeps its last output.
+    """
+    slots: list[Tensor | None] = [None] * len(names)
+    handles = []
+
+    def keep(position: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: object, output: Tensor) -> None:
+            slots[position] = output
+
+        return hook
+
+    try:
+        for position, name in enumerate(names):
+            handles.append(module.get_submodule(name).register_forward_hook(keep(position)))
+        yield slots
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def inner_loss(
+    loop: InnerLoop,
+    module: nn.Module,
+    run: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor | None,
+) -> Tensor:
+    """The inner-loop loss of one task: ``loss_fn(run(x), y)`` or the learned loss.
+
+    Args:
+        loop: the inner-loop definition.
+        module: the module object that ``run`` calls (where features are captured).
+        run: the model's forward with the current fast weights.
+        x: support inputs; y: support targets (``None`` for unlabelled support sets).
+    """
+    learned = loop.learned_loss
+    if learned is None:
+        if y is None:
+            raise ValueError(
+                "the support set has no targets, and this learner's inner loss "
+                "loss_fn(prediction, target) needs them; give the batch support targets, or "
+                "use a learner with a learned inner loss (fastmeta.DAML)"
+            )
+        return loop.loss_fn(run(x), y)
+    with captured(module, learned.features) as slots:
+        output = run(x)
+    missing = [name for name, value in zip(learned.features, slots) if value is None]
+    if missing:
+        raise ValueError(
+            f"features {missing} produced no output during the model's forward (the "
+            f"submodules were not called); name submodules that forward() calls"
+        )
+    loss = learned.loss(output, *slots)
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(
+            f"adaptation_loss must return a scalar tensor (the inner loss), got "
+            f"{shape}; reduce it, e.g. return net(...).abs().mean()"
+        )
+    return loss
 
 
 def detach_all(grads: list[Tensor | None]) -> list[Tensor | None]:

@@ -28,6 +28,7 @@ from ._base import (
     InnerLoopOutput,
     MetaGrad,
     detach_all,
+    inner_loss,
     stack_dicts,
     support_batch,
 )
@@ -125,7 +126,7 @@ class HigherEngine(Engine):
                 losses = []
                 for step in range(loop.steps):
                     x, y = support_batch(task, loop, index, step)
-                    loss = loop.loss_fn(fmodel(x), y)
+                    loss = inner_loss(loop, fmodel, fmodel, x, y)
                     losses.append(loss.detach())
                     diffopt.step(loss, grad_callback=grad_callback)
                 support_losses.append(torch.stack(losses) if losses else torch.zeros(0))

@@ -35,7 +35,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from .._inner_optim import functional_update
 from .._task import Task
-from ._base import Engine, InnerLoop, InnerLoopOutput, MetaGrad
+from ._base import Engine, InnerLoop, InnerLoopOutput, MetaGrad, inner_loss
 
 Params = dict[str, Tensor]
 
@@ -121,9 +121,15 @@ def _meta_batch(
         output = functional_call(module, ({**fixed, **adapted}, buffers), (x,))
         return loop.loss_fn(output, y)
 
+    def support_loss_at(adapted: Params, x: Tensor, y: Tensor | None) -> Tensor:
+        def run(inputs: Tensor) -> Tensor:
+            return functional_call(module, ({**fixed, **adapted}, buffers), (inputs,))
+
+        return inner_loss(loop, module, run, x, y)
+
     def one_task(
         support_x: Tensor,
-        support_y: Tensor,
+        support_y: Tensor | None,
         query_x: Tensor,
         query_y: Tensor,
         indices: Tensor | None,
@@ -134,8 +140,9 @@ def _meta_batch(
         for step in range(loop.steps):
             x, y = support_x, support_y
             if indices is not None:
-                x, y = support_x[indices[step]], support_y[indices[step]]
-            grads, loss = grad_and_value(loss_at)(adapted, x, y)
+                x = support_x[indices[step]]
+                y = None if support_y is None else support_y[indices[step]]
+            grads, loss = grad_and_value(support_loss_at)(adapted, x, y)
             losses.append(loss.detach())
             new: Params = {}
             for name in adapted_names:
@@ -152,10 +159,9 @@ def _meta_batch(
         kept = {n: p.detach() for n, p in {**fixed, **adapted}.items()} if keep_params else {}
         return query_loss, support_losses, kept
 
-    index_dim = None if batch_indices is None else 0
-    query_losses, support_losses, kept = vmap(one_task, in_dims=(0, 0, 0, 0, index_dim))(
-        *task, batch_indices
-    )
+    args = (*task, batch_indices)
+    in_dims = tuple(None if value is None else 0 for value in args)
+    query_losses, support_losses, kept = vmap(one_task, in_dims=in_dims)(*args)
     return query_losses.mean(), (query_losses, support_losses, kept)
 
 
@@ -224,7 +230,8 @@ class VmapEngine(Engine):
             return fn
         settings = repr(sorted(loop.optimizer.settings.items()))
         key = (id(module), loop.adapted, loop.steps, loop.inner_lr, loop.optimizer.name, settings,
-               loop.loss_fn, loop.lrs is None, loop.batch_indices is None, meta_grad, keep_params)
+               loop.loss_fn, loop.learned_loss, loop.lrs is None, loop.batch_indices is None,
+               meta_grad, keep_params)
         compiled = self._compiled.get(key)
         if compiled is None:
             compiled = self._compiled[key] = torch.compile(fn)
