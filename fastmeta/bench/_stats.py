@@ -43,7 +43,11 @@ def format_cell(summary: dict[str, Any], *, digits: int = 3) -> str:
     """``"0.351 ± 0.021"`` (and ``" (2 diverged)"``), or ``"diverged"`` if all did."""
     if summary["mean"] is None:
         return f"diverged ({summary['diverged']}/{summary['tasks']})"
-    text = f"{summary['mean']:.{digits}f} ± {summary['ci95']:.{digits}f}"
+    mean, ci95 = summary["mean"], summary["ci95"]
+    if abs(mean) >= 1e4:  # fine-tuning blew up without reaching inf: keep the cell readable
+        text = f"{mean:.3g} ± {ci95:.3g}"
+    else:
+        text = f"{mean:.{digits}f} ± {ci95:.{digits}f}"
     if summary["diverged"]:
         text += f" ({summary['diverged']} diverged)"
     return text

@@ -245,6 +245,10 @@ def _clock(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
 
 
+def _threads(count: int) -> str:
+    return f"{count} thread" + ("s" if count != 1 else "")
+
+
 def _step_columns(config: SineConfig) -> list[int]:
     return [s for s in (0, 1, 5, 10) if s <= config.eval_steps] + (
         [config.eval_steps] if config.eval_steps not in (0, 1, 5, 10) else []
@@ -267,7 +271,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{config.inner_lr} (Meta-SGD with its learned rates). Query MSE, mean ± 95% "
         f"confidence interval (1.96·std/√n) over the tasks that did not diverge; the "
         f"median is over all tasks. fastmeta {results['versions']['fastmeta']}, torch "
-        f"{results['versions']['torch']}, {results['versions']['torch_threads']} threads; "
+        f"{results['versions']['torch']}, {_threads(results['versions']['torch_threads'])}; "
         f"wall time {_clock(results['wall_seconds'])}.",
     ]
     for shots in config.eval_shots:
@@ -317,6 +321,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {'-' if ms is None else f'{ms:.2f}'} | {_clock(training['seconds'])} |"
         )
+    total = sum(entry["training"]["seconds"] for entry in results["algorithms"].values())
+    lines += ["", f"Training time summed over the algorithms: {_clock(total)}."]
     ratio = results["speed"].get("first_order_over_second_order")
     if ratio is not None:
         lines += [
@@ -481,7 +487,9 @@ def _figures(
 
 
 def _number(value: float | str) -> str:
-    return f"{value:.3f}" if isinstance(value, float) and math.isfinite(value) else str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:.3g}" if abs(value) >= 1e4 else f"{value:.3f}"
+    return str(value)
 
 
 def json_ready(value: Any) -> Any:
