@@ -86,9 +86,10 @@ def evaluate_checkpoint(
                     curves(
                         {key: {algorithm: value} for key, value in results.items()},
                         plot_dir / f"eval_{algorithm}_curves.png",
-                        ylabel=label,
+                        ylabel=f"{label}, median over tasks",
                         title=f"{algorithm}: fine-tuning on {config.eval_tasks} held-out tasks",
                         log=True,
+                        median=True,
                     )
                 )
             )

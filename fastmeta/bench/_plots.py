@@ -49,6 +49,7 @@ def curves(
     ylabel: str,
     title: str,
     log: bool = False,
+    median: bool = False,
 ) -> Path:
     """Metric against fine-tuning steps, one line per algorithm, one panel per setting.
 
@@ -58,22 +59,36 @@ def curves(
         ylabel: label of the metric axis.
         title: figure title.
         log: logarithmic metric axis.
+        median: plot the median over tasks instead of the mean ± 95% CI, with the axis
+            capped at 3x the largest value before fine-tuning: a few tasks whose
+            fine-tuning blows up would otherwise stretch the axis to 1e30 and flatten
+            every other curve.
     """
     plt = pyplot()
     rows, columns = _grid(len(panels))
     figure, axes = plt.subplots(
-        rows, columns, figsize=(4.5 * columns, 3.6 * rows), squeeze=False, sharey=True
+        rows, columns, figsize=(4.5 * columns, 3.6 * rows), squeeze=False, sharey=not median
     )
     for axis, (panel, by_algorithm) in zip(axes.flat, panels.items(), strict=False):
+        if log:
+            axis.set_yscale("log")
         for algorithm, curve in by_algorithm.items():
+            if median:
+                medians = [float(s["median"]) for s in curve["summaries"]]
+                axis.plot(curve["steps"], medians, marker=".", label=algorithm)
+                continue
             means = [s["mean"] if s["mean"] is not None else math.nan for s in curve["summaries"]]
             errors = [s["ci95"] if s["ci95"] is not None else 0.0 for s in curve["summaries"]]
             axis.errorbar(curve["steps"], means, yerr=errors, label=algorithm, capsize=2)
+        if median:
+            start = max(float(c["summaries"][0]["median"]) for c in by_algorithm.values())
+            lowest = min(float(s["median"]) for c in by_algorithm.values()
+                         for s in c["summaries"])
+            if math.isfinite(start) and start > 0 and lowest > 0:
+                axis.set_ylim(0.8 * lowest, 3 * start)
         axis.set_title(panel)
         axis.set_xlabel("fine-tuning steps")
         axis.grid(alpha=0.3)
-        if log:
-            axis.set_yscale("log")
     for axis in axes[:, 0]:
         axis.set_ylabel(ylabel)
     return _finish(plt, figure, axes, len(panels), title, path)

@@ -465,9 +465,10 @@ def _figures(
         _plots.curves(
             panels,
             out / "fine_tuning_curves.png",
-            ylabel="query MSE (mean ± 95% CI)",
-            title=f"Fine-tuning on {config.eval_tasks} held-out sine tasks",
+            ylabel="query MSE, median over tasks",
+            title=f"Fine-tuning on {config.eval_tasks} held-out sine tasks (means: results.md)",
             log=True,
+            median=True,
         )
     ]
     paths.append(fit_figure(learners, config, out))
