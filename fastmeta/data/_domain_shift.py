@@ -11,8 +11,16 @@ import numpy as np
 import torch
 
 from fastmeta.data import _seeding
-from fastmeta.data._protocol import MetaDataset, Task
-from fastmeta.data._toy import Range, SinusoidTask, _check_dtype, _check_int, _check_range, _scale
+from fastmeta.data._protocol import Task
+from fastmeta.data._toy import (
+    NumberedTasks,
+    Range,
+    SinusoidTask,
+    _check_dtype,
+    _check_int,
+    _check_range,
+    _scale,
+)
 
 
 class UnlabelledTask(Task):
@@ -49,7 +57,7 @@ _DEFAULT_SOURCE_RANGES: tuple[Range, Range] = (
 )
 
 
-class DomainShiftSinusoid(MetaDataset):
+class DomainShiftSinusoid(NumberedTasks):
     """The seed's domain-adaptive sine tasks: infer the phase from unlabelled source inputs.
 
     Task ``index`` has phase ``b`` in ``{0, pi}`` (equally likely), fixed by ``(seed,
@@ -114,20 +122,6 @@ class DomainShiftSinusoid(MetaDataset):
         self.target_grid = bool(target_grid)
         self.dtype = _check_dtype(dtype)
         super().__init__(meta_split="train", seed=seed)
-
-    def __len__(self) -> int:
-        return self.num_tasks
-
-    def _check_index(self, index: Any) -> int:
-        if isinstance(index, bool) or not isinstance(index, int | np.integer):
-            raise TypeError(f"task index must be an int, got {index!r}")
-        i = int(index) + self.num_tasks if index < 0 else int(index)
-        if not 0 <= i < self.num_tasks:
-            raise IndexError(f"task index {index} out of range for {self.num_tasks} tasks")
-        return i
-
-    def __getitem__(self, index: Any) -> Any:
-        return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[Any]) -> list[Any]:
         """Build several tasks at once (``DataLoader`` calls this with a batch of indices)."""

@@ -189,7 +189,34 @@ class HarmonicTask(RegressionTask):
     amplitudes: tuple[float, float]
 
 
-class _ToyRegression(MetaDataset):
+class NumberedTasks(MetaDataset):
+    """A meta-dataset of ``num_tasks`` tasks built in batches by ``__getitems__``.
+
+    Index ``i`` (negative counts from the end) is checked once here; subclasses build
+    tasks from the checked row numbers.
+    """
+
+    num_tasks: int
+
+    def __len__(self) -> int:
+        return self.num_tasks
+
+    def _check_index(self, index: Any) -> int:
+        if isinstance(index, bool) or not isinstance(index, int | np.integer):
+            raise TypeError(f"task index must be an int, got {index!r}")
+        i = int(index) + self.num_tasks if index < 0 else int(index)
+        if not 0 <= i < self.num_tasks:
+            raise IndexError(f"task index {index} out of range for {self.num_tasks} tasks")
+        return i
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[Any]) -> list[Any]:
+        raise NotImplementedError
+
+
+class _ToyRegression(NumberedTasks):
     """Shared plumbing: validation, task count, vectorised per-index draws.
 
     Subclasses set how many uniforms they use per task (``_param_draws``) and
@@ -226,20 +253,6 @@ class _ToyRegression(MetaDataset):
             dataset_transform=dataset_transform,
             seed=seed,
         )
-
-    def __len__(self) -> int:
-        return self.num_tasks
-
-    def _check_index(self, index: Any) -> int:
-        if isinstance(index, bool) or not isinstance(index, int | np.integer):
-            raise TypeError(f"task index must be an int, got {index!r}")
-        i = int(index) + self.num_tasks if index < 0 else int(index)
-        if not 0 <= i < self.num_tasks:
-            raise IndexError(f"task index {index} out of range for {self.num_tasks} tasks")
-        return i
-
-    def __getitem__(self, index: Any) -> Any:
-        return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[Any]) -> list[Any]:
         """Build several tasks at once (``DataLoader`` calls this with a batch of indices)."""
