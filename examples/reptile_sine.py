@@ -9,7 +9,7 @@ random points for 32 SGD steps and scores the whole wave.
 
 Usage:
     python examples/reptile_sine.py                # 30,000 meta-iterations (several minutes)
-    python examples/reptile_sine.py --quick        # 1,000 iterations, under a minute
+    python examples/reptile_sine.py --quick        # 3,000 iterations, under a minute
     python examples/reptile_sine.py --plot reptile_sine.png
 """
 
@@ -27,11 +27,11 @@ from fastmeta.data import Sinusoid
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", type=int, default=30_000)
-    parser.add_argument("--quick", action="store_true", help="1,000 iterations")
+    parser.add_argument("--quick", action="store_true", help="3,000 iterations")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", help="write the fine-tuning curve and a fit to this PNG")
     args = parser.parse_args()
-    iterations = 1_000 if args.quick else args.iterations
+    iterations = 3_000 if args.quick else args.iterations
     torch.set_num_threads(1)
 
     torch.manual_seed(args.seed)
