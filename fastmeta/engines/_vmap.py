@@ -117,15 +117,14 @@ def _meta_batch(
     adapted_names = loop.adapted
     fixed = {**frozen, **{n: p for n, p in trainable.items() if n not in adapted_names}}
 
+    def forward(adapted: Params, x: Tensor) -> Tensor:
+        return functional_call(module, ({**fixed, **adapted}, buffers), (x,))
+
     def loss_at(adapted: Params, x: Tensor, y: Tensor) -> Tensor:
-        output = functional_call(module, ({**fixed, **adapted}, buffers), (x,))
-        return loop.loss_fn(output, y)
+        return loop.loss_fn(forward(adapted, x), y)
 
     def support_loss_at(adapted: Params, x: Tensor, y: Tensor | None) -> Tensor:
-        def run(inputs: Tensor) -> Tensor:
-            return functional_call(module, ({**fixed, **adapted}, buffers), (inputs,))
-
-        return inner_loss(loop, module, run, x, y)
+        return inner_loss(loop, module, lambda inputs: forward(adapted, inputs), x, y)
 
     def one_task(
         support_x: Tensor,
