@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import platform
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from .. import __version__
 
 C = TypeVar("C", bound="BenchConfig")
 
@@ -80,3 +86,26 @@ def prepare_out(out: Path, *, resume: bool) -> Path:
         )
     checkpoints.mkdir(parents=True, exist_ok=True)
     return checkpoints
+
+
+def versions() -> dict[str, Any]:
+    """Versions and machine facts recorded with every result."""
+    return {
+        "fastmeta": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with each NaN or infinity spelled ``"nan"``, ``"inf"``, ``"-inf"`` (valid JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    return value

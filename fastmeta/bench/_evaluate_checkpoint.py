@@ -6,10 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ._checkpoint import load_checkpoint
 from ._config import BenchConfig
 from ._plots import curves
-from ._registry import build_learner
+from ._registry import load_learner
 from ._stats import format_cell
 
 
@@ -64,58 +63,46 @@ def evaluate_checkpoint(
     Returns:
         ``{"results": {setting: fine_tuning_curve}, "text": printable table, "figures": [...]}``.
     """
-    payload = load_checkpoint(path)
+    learner, payload = load_learner(path)
     spec = payload["spec"]
-    learner = build_learner(spec)
-    learner.load_state_dict(payload["state_dict"])
     benchmark = spec.get("benchmark")
     algorithm = spec["algorithm"]
-    figures: list[str] = []
     if benchmark == "sine":
         from . import sine
 
-        config = _override(sine.SineConfig, payload, algorithm, {
+        sine_config = _override(sine.SineConfig, payload, algorithm, {
             "eval_shots": shots, "eval_steps": steps, "eval_tasks": tasks})
-        evaluation = sine.evaluate_learner(learner, config)
-        results = {f"K={k}": evaluation["curves"][str(k)] for k in config.eval_shots}
+        evaluation = sine.evaluate_learner(learner, sine_config)
+        results = {f"K={k}": evaluation["curves"][str(k)] for k in sine_config.eval_shots}
         label = "query MSE"
-        if plot_dir is not None:
-            plot_dir.mkdir(parents=True, exist_ok=True)
-            figures.append(
-                str(
-                    curves(
-                        {key: {algorithm: value} for key, value in results.items()},
-                        plot_dir / f"eval_{algorithm}_curves.png",
-                        ylabel=f"{label}, median over tasks",
-                        title=f"{algorithm}: fine-tuning on {config.eval_tasks} held-out tasks",
-                        log=True,
-                        median=True,
-                    )
-                )
-            )
-            figures.append(str(sine.fit_figure({algorithm: learner}, config, plot_dir,
-                                               name=f"eval_{algorithm}_fits.png")))
+        ylabel = f"{label}, median over tasks"
+        title = f"{algorithm}: fine-tuning on {sine_config.eval_tasks} held-out tasks"
+        options = {"log": True, "median": True}
+
+        def more_figures(directory: Path) -> list[Path]:
+            return [sine.fit_figure({algorithm: learner}, sine_config, directory,
+                                    name=f"eval_{algorithm}_fits.png")]
     elif benchmark == "digits":
         from . import digits
 
-        config_d = _override(digits.DigitsConfig, payload, algorithm, {
+        digits_config = _override(digits.DigitsConfig, payload, algorithm, {
             "shots": shots, "eval_steps": steps, "eval_tasks": tasks})
-        results = digits.evaluate_learner(learner, algorithm, config_d)
-        label = "query accuracy"
-        if plot_dir is not None:
-            plot_dir.mkdir(parents=True, exist_ok=True)
-            figures.append(
-                str(
-                    curves(
-                        {key: {algorithm: value} for key, value in results.items()},
-                        plot_dir / f"eval_{algorithm}_curves.png",
-                        ylabel=label,
-                        title=f"{algorithm}: fine-tuning on held-out classes",
-                    )
-                )
-            )
+        results = digits.evaluate_learner(learner, algorithm, digits_config)
+        label = ylabel = "query accuracy"
+        title = f"{algorithm}: fine-tuning on held-out classes"
+        options = {}
+
+        def more_figures(directory: Path) -> list[Path]:
+            return []
     else:
         raise ValueError(f"{path}: unknown benchmark {benchmark!r} in the checkpoint's spec")
+    figures: list[str] = []
+    if plot_dir is not None:
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        panels = {key: {algorithm: value} for key, value in results.items()}
+        path_out = plot_dir / f"eval_{algorithm}_curves.png"
+        figures.append(str(curves(panels, path_out, ylabel=ylabel, title=title, **options)))
+        figures += [str(figure) for figure in more_figures(plot_dir)]
     text = _table(algorithm, label, results)
     if figures:
         text += "\nwrote " + ", ".join(figures)

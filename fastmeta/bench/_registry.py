@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 from .. import models
 from .._learner import MetaLearner
 from ..algorithms import ANIL, FOMAML, MAML, JointTraining, MetaSGD, Reptile
+from ._checkpoint import load_checkpoint
 
 # Benchmark names of the learners; "transfer" and "random" are the two baselines.
 ALGORITHMS: dict[str, type[MetaLearner]] = {
@@ -70,3 +72,12 @@ def build_learner(spec: dict[str, Any], *, seed: int | None = None) -> MetaLearn
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; known: {list(ALGORITHMS)}")
     return ALGORITHMS[algorithm](build_model(spec, seed=seed), **spec["learner"])
+
+
+def load_learner(path: Path | str) -> tuple[MetaLearner, dict[str, Any]]:
+    """The learner saved in a ``fastmeta bench`` checkpoint, with the checkpoint's contents."""
+    payload = load_checkpoint(path)
+    learner = build_learner(payload["spec"])
+    learner.load_state_dict(payload["state_dict"])
+    learner.meta_steps_taken = int(payload.get("iteration", 0))
+    return learner, payload

@@ -96,7 +96,6 @@ class TrainingRun:
         checkpoint: where the checkpoint lives.
         spec: how to rebuild the learner (see ``_registry.build_learner``).
         config: the benchmark's configuration; resuming checks it is unchanged.
-        scheduler: optional learning-rate scheduler stepped after each meta-step.
         metadata: saved with the checkpoint, not checked on resume (e.g. the evaluation
             settings that ``fastmeta eval`` uses).
     """
@@ -109,7 +108,6 @@ class TrainingRun:
     checkpoint: Path
     spec: dict[str, Any]
     config: dict[str, Any]
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
@@ -128,7 +126,6 @@ def _payload(run: TrainingRun, record: TrainingRecord) -> dict[str, Any]:
         "metadata": run.metadata,
         "state_dict": run.learner.state_dict(),
         "optimizer": run.optimizer.state_dict(),
-        "scheduler": None if run.scheduler is None else run.scheduler.state_dict(),
         "iteration": record.iterations,
         "complete": record.iterations >= run.iterations,
         "record": asdict(record),
@@ -159,8 +156,6 @@ def restore(run: TrainingRun) -> TrainingRecord:
         )
     run.learner.load_state_dict(payload["state_dict"])
     run.optimizer.load_state_dict(payload["optimizer"])
-    if run.scheduler is not None and payload.get("scheduler") is not None:
-        run.scheduler.load_state_dict(payload["scheduler"])
     torch.set_rng_state(payload["torch_rng"])
     record = TrainingRecord(**payload["record"])
     run.learner.meta_steps_taken = record.iterations
@@ -176,7 +171,6 @@ def train(
     progress: bool = True,
     stop: StopFlag | None = None,
     stop_after: int | None = None,
-    on_step: Callable[[int, float], None] | None = None,
 ) -> TrainingRecord:
     """Meta-train ``run.learner`` for ``run.iterations`` meta-iterations.
 
@@ -188,7 +182,6 @@ def train(
         progress: show a progress line.
         stop: a flag set by Ctrl-C; the loop stops after the current meta-iteration.
         stop_after: stop after this meta-iteration, as if interrupted (for tests).
-        on_step: called with ``(iteration, loss)`` after every meta-iteration.
 
     Returns:
         The record of the whole training (including resumed parts).
@@ -238,8 +231,6 @@ def train(
                 f"Stopped; {kept}."
             ) from error
         times.append(time.perf_counter() - tick)
-        if run.scheduler is not None:
-            run.scheduler.step()
         record.window_losses.append(result.loss)
         record.iterations = iteration + 1
         if record.iterations % window == 0 or record.iterations == run.iterations:
@@ -248,8 +239,6 @@ def train(
             record.window_losses.clear()
             times.clear()
         bar.update(record.iterations, result.loss)
-        if on_step is not None:
-            on_step(record.iterations, result.loss)
         stopping = (stop is not None and stop.requested) or (
             stop_after is not None and record.iterations >= stop_after
         )

@@ -22,8 +22,6 @@ import itertools
 import json
 import math
 import pathlib
-import platform
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 import fastmeta
+from fastmeta.bench._config import versions
 from fastmeta.data import BatchMetaDataLoader, DomainShiftSinusoid
 
 # Targets of the issue: mean L1 on the grid below this, right wave in at least this share.
@@ -185,17 +184,6 @@ def plot(learner: fastmeta.DAML, path: pathlib.Path, *, seed: int) -> None:
     plt.close(fig)
 
 
-def _versions() -> dict[str, str]:
-    return {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "fastmeta": fastmeta.__version__,
-        "platform": platform.platform(),
-        "torch_threads": str(torch.get_num_threads()),
-    }
-
-
 def _markdown(results: dict[str, Any]) -> str:
     ev, cfg = results["evaluation"], results["config"]
     rows = [
@@ -336,7 +324,7 @@ def _run(
         "targets_met": bool(
             evaluation["l1"]["mean"] < TARGET_L1 and evaluation["right_wave"] >= TARGET_RIGHT_WAVE
         ),
-        "versions": _versions(),
+        "versions": versions(),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(_markdown(results))

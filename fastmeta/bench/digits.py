@@ -27,16 +27,15 @@ from torch import nn
 
 from .. import distributed as fmd
 from .._learner import MetaLearner
-from .._task import Task
+from .._task import Task, as_task
 from ..algorithms import ANIL
 from ..data import BatchMetaCollate, ClassSplitter, Digits
 from . import _plots
-from ._config import BenchConfig, prepare_out
+from ._config import BenchConfig, json_ready, prepare_out, versions
 from ._evaluate import accuracy, fine_tuning_curve
 from ._registry import build_learner
 from ._stats import format_cell
 from ._train import StopFlag, TrainingRun, train
-from .sine import json_ready, versions
 
 DIGITS_ALGORITHMS = ("maml", "fomaml", "reptile", "anil", "metasgd", "finetune")
 EVAL_SEED_OFFSET = 1_000_003
@@ -163,8 +162,7 @@ def _tasks(dataset: Digits, ways: int, count: int, key: tuple[int, ...]) -> Task
     classes = len(dataset.dataset)
     combos = [tuple(int(c) for c in rng.permutation(classes)[:ways]) for _ in range(count)]
     dataset.set_epoch(key[-1])  # fresh support/query images per draw, reproducibly
-    batch = BatchMetaCollate()([dataset[combo] for combo in combos])
-    return Task(*batch["train"], *batch["test"])
+    return as_task(BatchMetaCollate()([dataset[combo] for combo in combos]))
 
 
 def training_batches(config: DigitsConfig, algorithm: str, shots: int) -> Callable[[int], Task]:

@@ -11,24 +11,20 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from .. import __version__
 from .. import distributed as fmd
 from .._learner import MetaLearner
-from .._task import Task
+from .._task import Task, as_task
 from ..data import BatchMetaCollate, sinusoid
 from . import _plots
-from ._checkpoint import load_checkpoint
-from ._config import BenchConfig, prepare_out
+from ._config import BenchConfig, json_ready, prepare_out, versions
 from ._evaluate import adapt_quietly, fine_tuning_curve, per_task
 from ._registry import build_learner
 from ._stats import format_cell, summarize
@@ -140,8 +136,7 @@ def learner_spec(config: SineConfig, algorithm: str) -> dict[str, Any]:
 
 
 def _collate_all(dataset: Any, start: int, count: int) -> Task:
-    batch = BatchMetaCollate()(dataset.__getitems__(list(range(start, start + count))))
-    return Task(*batch["train"], *batch["test"])
+    return as_task(BatchMetaCollate()(dataset.__getitems__(list(range(start, start + count)))))
 
 
 def training_batches(config: SineConfig) -> Callable[[int], Task]:
@@ -225,18 +220,6 @@ def evaluate_learner(learner: MetaLearner, config: SineConfig) -> dict[str, Any]
     }
     robustness = summarize(per_task(learner, robustness_tasks(config), config.eval_steps))
     return {"curves": curves, "robustness": robustness}
-
-
-def versions() -> dict[str, Any]:
-    """Versions and machine facts recorded with every result."""
-    return {
-        "fastmeta": __version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch_threads": torch.get_num_threads(),
-    }
 
 
 def _clock(seconds: float) -> str:
@@ -493,17 +476,6 @@ def _number(value: float | str) -> str:
     return str(value)
 
 
-def json_ready(value: Any) -> Any:
-    """``value`` with each NaN or infinity spelled ``"nan"``, ``"inf"``, ``"-inf"`` (valid JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_ready(v) for v in value]
-    return value
-
-
 def fit_figure(
     learners: dict[str, MetaLearner], config: SineConfig, out: Path, *, name: str = "fits.png"
 ) -> Path:
@@ -526,12 +498,3 @@ def write_results(results: dict[str, Any], out: Path) -> None:
     text = json.dumps(results, indent=1, allow_nan=False)
     (out / "results.json").write_text(text + "\n")
     (out / "results.md").write_text(markdown(results))
-
-
-def load_learner(path: Path | str) -> tuple[MetaLearner, dict[str, Any]]:
-    """A learner saved by ``fastmeta bench``, with its checkpoint's metadata."""
-    payload = load_checkpoint(path)
-    learner = build_learner(payload["spec"])
-    learner.load_state_dict(payload["state_dict"])
-    learner.meta_steps_taken = int(payload.get("iteration", 0))
-    return learner, payload
