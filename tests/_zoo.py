@@ -249,7 +249,9 @@ def _parametrized(kind: str) -> Callable[[], nn.Module]:
     return build
 
 
-_RNN_REFUSED = r"cannot vectorise"
+_RNN_REFUSED = r"submodule 'body' is a \w+, which torch.func cannot vectorise"
+_CELL_REFUSED = r"submodule 'cell' is a \w+Cell, which torch.func cannot vectorise"
+_MAX_NORM_REFUSED = r"submodule 'body' is a Embedding with max_norm=1.0, which rewrites"
 
 ZOO: dict[str, Entry] = {
     "Linear": Entry(_seq(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)), _randn(3)),
@@ -285,7 +287,8 @@ ZOO: dict[str, Entry] = {
     "Embedding-padding_idx": Entry(_module(lambda: _Head(nn.Embedding(12, 6, padding_idx=0),
                                                          6, out=3)), _tokens(12, 5), classes=3),
     "Embedding-max_norm": Entry(_module(lambda: _Head(nn.Embedding(12, 6, max_norm=1.0), 6,
-                                                      out=3)), _tokens(12, 5), classes=3),
+                                                      out=3)), _tokens(12, 5), classes=3,
+                                vmap=_MAX_NORM_REFUSED, higher=_MAX_NORM_REFUSED),
     "EmbeddingBag": Entry(_module(lambda: _Head(nn.EmbeddingBag(12, 6, mode="mean",
                                                                 padding_idx=0), 6, out=3)),
                           _tokens(12, 5), classes=3),
@@ -301,9 +304,9 @@ ZOO: dict[str, Entry] = {
                   vmap=_RNN_REFUSED),
     "GRU": Entry(_module(lambda: _Head(nn.GRU(3, 4, batch_first=True), 4)), _randn(4, 3),
                  vmap=_RNN_REFUSED),
-    "RNNCell": Entry(_module(lambda: _Cell(nn.RNNCell)), _randn(3, 3)),
-    "LSTMCell": Entry(_module(lambda: _Cell(nn.LSTMCell)), _randn(3, 3)),
-    "GRUCell": Entry(_module(lambda: _Cell(nn.GRUCell)), _randn(3, 3)),
+    "RNNCell": Entry(_module(lambda: _Cell(nn.RNNCell)), _randn(3, 3), vmap=_CELL_REFUSED),
+    "LSTMCell": Entry(_module(lambda: _Cell(nn.LSTMCell)), _randn(3, 3), vmap=_CELL_REFUSED),
+    "GRUCell": Entry(_module(lambda: _Cell(nn.GRUCell)), _randn(3, 3), vmap=_CELL_REFUSED),
     "PReLU": Entry(_seq(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 1)), _randn(3)),
     "activations": Entry(_seq(nn.Linear(3, 6), nn.ReLU(inplace=True), nn.Linear(6, 6),
                               nn.GELU(), nn.Linear(6, 6), nn.SiLU(), nn.Softplus(),

@@ -187,17 +187,23 @@ class VmapEngine(Engine):
     ) -> Any:
         try:
             return compiled(*args)
-        except Exception as error:  # any compiler failure: run eagerly from now on
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:
+            # Run eagerly: if that fails too, the input is at fault and its error is the
+            # one to see (compiling stays on); if it succeeds, the compiler failed.
+            result = eager(*args)
             self.compile = False
             self._compiled.clear()
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             warnings.warn(
-                f"compile=True: torch.compile failed ({type(error).__name__}: {first_line}); "
-                f"running the vectorised engine uncompiled from now on",
+                f"compile=True: torch.compile failed on this model ({type(error).__name__}: "
+                f"{first_line}) where the uncompiled vectorised engine runs; running it "
+                f"uncompiled from now on",
                 RuntimeWarning,
                 stacklevel=5,
             )
-            return eager(*args)
+            return result
 
 
 __all__ = ["VmapEngine"]
