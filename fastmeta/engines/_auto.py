@@ -198,7 +198,7 @@ class AutoEngine(Engine):
         start = time.perf_counter()
         verdict, reason, failure = INCONCLUSIVE, "", None
         try:
-            verdict, reason = self._probe_both(probe)
+            verdict, reason = self._probe_both(probe, kind)
         except torch.OutOfMemoryError as error:  # raised, but only after the peers know
             failure = error
         self._seconds += time.perf_counter() - start
@@ -215,7 +215,7 @@ class AutoEngine(Engine):
             self._checked.append(kind)
             self._reason = f"vectorised; checked against higher ({', '.join(self._checked)})"
 
-    def _probe_both(self, probe: Probe) -> tuple[int, str]:
+    def _probe_both(self, probe: Probe, kind: str) -> tuple[int, str]:
         """``(verdict, reason)`` of one comparison, in float64 if the model runs in it."""
         for dtype in (torch.float64, None):
             try:
@@ -233,13 +233,14 @@ class AutoEngine(Engine):
                                   f"runs it ({_first_line(error)})")
             if not all(torch.isfinite(t).all() for t in reference.values()):
                 return INCONCLUSIVE, ""  # diverged: nothing to compare, the call will say so
-            error, where = compare(reference, candidate)
-            self._max_error = error
-            if error <= _tolerance(dtype):
+            difference, where = compare(reference, candidate)
+            self._max_error = difference
+            if difference <= _tolerance(dtype):
                 return AGREE, ""
             return DISAGREE, (
-                f"its meta-gradient differs from a per-task computation on this model "
-                f"(relative error {error:.1e} on {where!r}; a batching rule of torch.func "
+                f"its {'adapted weights differ' if kind == 'adapt' else 'meta-gradient differs'} "
+                f"from a per-task computation on this model "
+                f"(relative error {difference:.1e} on {where!r}; a batching rule of torch.func "
                 f"is wrong for one of its layers)"
             )
         return INCONCLUSIVE, ""  # higher failed too: the input's error shows in the call
