@@ -10,34 +10,32 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-# Optimisers fastmeta runs in the inner loop, by the name users may pass.
-# SGD, Adam and AdamW have fastmeta's own functional rules (below); the others
-# are run by higher's differentiable optimisers.
+# The inner optimisers, by the name users may pass, each with the settings of fastmeta's
+# own update rule (SGD, Adam and AdamW: ``rule_of`` below, used by every engine), or
+# ``None`` for the ones only higher's differentiable optimisers run (the higher engine).
+# Anything else (maximize, foreach, fused, capturable, ...) would be silently ignored by
+# a differentiable inner loop, so it is rejected instead.
+_REGISTRY: dict[str, tuple[type[torch.optim.Optimizer], frozenset[str] | None]] = {
+    "sgd": (torch.optim.SGD, frozenset({"momentum", "dampening", "nesterov", "weight_decay"})),
+    "adam": (torch.optim.Adam, frozenset({"betas", "eps", "weight_decay", "amsgrad"})),
+    "adamw": (torch.optim.AdamW, frozenset({"betas", "eps", "weight_decay", "amsgrad"})),
+    "adagrad": (torch.optim.Adagrad, None),
+    "adadelta": (torch.optim.Adadelta, None),
+    "adamax": (torch.optim.Adamax, None),
+    "asgd": (torch.optim.ASGD, None),
+    "rmsprop": (torch.optim.RMSprop, None),
+    "rprop": (torch.optim.Rprop, None),
+}
 INNER_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "adagrad": torch.optim.Adagrad,
-    "adadelta": torch.optim.Adadelta,
-    "adamax": torch.optim.Adamax,
-    "asgd": torch.optim.ASGD,
-    "rmsprop": torch.optim.RMSprop,
-    "rprop": torch.optim.Rprop,
+    name: cls for name, (cls, _) in _REGISTRY.items()
 }
-
-# Keyword arguments of the functional rules; anything else (maximize, foreach,
-# fused, capturable, ...) would be silently ignored by a differentiable inner
-# loop, so it is rejected instead.
-_FUNCTIONAL_KWARGS: dict[type[torch.optim.Optimizer], frozenset[str]] = {
-    torch.optim.SGD: frozenset({"momentum", "dampening", "nesterov", "weight_decay"}),
-    torch.optim.Adam: frozenset({"betas", "eps", "weight_decay", "amsgrad"}),
-    torch.optim.AdamW: frozenset({"betas", "eps", "weight_decay", "amsgrad"}),
-}
+FUNCTIONAL_OPTIMIZERS = tuple(name for name, (_, kw) in _REGISTRY.items() if kw is not None)
+_FUNCTIONAL_KWARGS = {cls: kw for cls, kw in _REGISTRY.values() if kw is not None}
 _NEVER_ALLOWED = frozenset({"lr", "maximize", "foreach", "fused", "capturable", "differentiable"})
 
 
@@ -60,8 +58,28 @@ class InnerOptimizer:
 
     @property
     def functional(self) -> bool:
-        """Whether fastmeta has its own functional rule for it (SGD, Adam, AdamW)."""
+        """Whether fastmeta has its own update rule for it (SGD, Adam, AdamW)."""
         return self.cls in _FUNCTIONAL_KWARGS
+
+    def rule(self) -> UpdateRule:
+        """fastmeta's update rule with these settings.
+
+        Raises:
+            ValueError: only higher's differentiable optimisers run this one.
+        """
+        settings = self.settings
+        if self.cls is torch.optim.SGD:
+            return SGD(momentum=settings["momentum"], dampening=settings["dampening"],
+                       nesterov=settings["nesterov"], weight_decay=settings["weight_decay"])
+        if self.cls in (torch.optim.Adam, torch.optim.AdamW):
+            return Adam(betas=tuple(settings["betas"]), eps=settings["eps"],
+                        weight_decay=settings["weight_decay"], amsgrad=settings["amsgrad"],
+                        decoupled_weight_decay=self.cls is torch.optim.AdamW)
+        raise ValueError(
+            f"inner_optimizer={self.name!r} has no update rule in fastmeta (it has one for "
+            f"{', '.join(repr(n) for n in FUNCTIONAL_OPTIMIZERS)}); only the higher engine "
+            f"runs it, with higher's differentiable optimiser"
+        )
 
     def build(self, params: Any, lr: float) -> torch.optim.Optimizer:
         """A real ``torch.optim`` instance over ``params`` (used by the higher engine)."""
@@ -229,36 +247,101 @@ def adam_update(
     return _scaled_step(param, lr / bias_correction1, direction), new_state
 
 
-def functional_update(
-    optimizer: InnerOptimizer,
-    param: Tensor,
-    grad: Tensor,
-    state: Mapping[str, Any],
-    lr: float | Tensor,
-) -> tuple[Tensor, dict[str, Any]]:
-    """One step of ``optimizer``'s rule with its full settings."""
-    settings = optimizer.settings
-    if optimizer.cls is torch.optim.SGD:
-        return sgd_update(
-            param,
-            grad,
-            state,
-            lr=lr,
-            momentum=settings["momentum"],
-            dampening=settings["dampening"],
-            nesterov=settings["nesterov"],
-            weight_decay=settings["weight_decay"],
-        )
-    if optimizer.cls in (torch.optim.Adam, torch.optim.AdamW):
-        return adam_update(
-            param,
-            grad,
-            state,
-            lr=lr,
-            betas=tuple(settings["betas"]),
-            eps=settings["eps"],
-            weight_decay=settings["weight_decay"],
-            amsgrad=settings["amsgrad"],
-            decoupled_weight_decay=optimizer.cls is torch.optim.AdamW,
-        )
-    raise ValueError(f"no functional rule for inner optimizer {optimizer.name!r}")
+Params = dict[str, Tensor]
+Rates = Mapping[str, "float | Tensor"]
+
+
+class UpdateRule:
+    """An inner update rule: pure functions of explicit, typed state.
+
+    ``state = rule.init(params)``, then per inner step
+    ``params, state = rule.update(params, grads, state, rates)``, where ``rates`` maps each
+    parameter name to its learning rate for this step (a float, or a tensor: Meta-SGD's
+    and MAML++'s learned rates). Every engine runs the same rule, so the vectorised and
+    the per-task engines take the same steps; the result stays differentiable with respect
+    to the parameters, the gradients and the rates.
+    """
+
+    name = "rule"
+
+    def init(self, params: Params) -> Any:
+        raise NotImplementedError
+
+    def update(self, params: Params, grads: Params, state: Any, rates: Rates
+               ) -> tuple[Params, Any]:
+        raise NotImplementedError
+
+
+class SGDState(NamedTuple):
+    """Momentum buffers by parameter name (empty before the first step or without momentum)."""
+
+    momentum: dict[str, Tensor]
+
+
+class AdamState(NamedTuple):
+    """Step count and moment estimates by parameter name (empty before the first step)."""
+
+    step: int
+    exp_avg: dict[str, Tensor]
+    exp_avg_sq: dict[str, Tensor]
+    max_exp_avg_sq: dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class SGD(UpdateRule):
+    """``torch.optim.SGD``'s rule: ``θ ← θ − lr · (g + wd·θ)``, optional (Nesterov) momentum."""
+
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    name = "sgd"
+
+    def init(self, params: Params) -> SGDState:
+        return SGDState({})
+
+    def update(self, params: Params, grads: Params, state: SGDState, rates: Rates
+               ) -> tuple[Params, SGDState]:
+        new, buffers = {}, {}
+        for name, param in params.items():
+            previous = state.momentum.get(name)
+            new[name], step_state = sgd_update(
+                param, grads[name], {} if previous is None else {"momentum_buffer": previous},
+                lr=rates[name], momentum=self.momentum, dampening=self.dampening,
+                nesterov=self.nesterov, weight_decay=self.weight_decay)
+            if "momentum_buffer" in step_state:
+                buffers[name] = step_state["momentum_buffer"]
+        return new, SGDState(buffers)
+
+
+@dataclass(frozen=True)
+class Adam(UpdateRule):
+    """``torch.optim.Adam``'s rule (``AdamW``'s with ``decoupled_weight_decay=True``)."""
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    amsgrad: bool = False
+    decoupled_weight_decay: bool = False
+    name = "adam"
+
+    def init(self, params: Params) -> AdamState:
+        return AdamState(0, {}, {}, {})
+
+    def update(self, params: Params, grads: Params, state: AdamState, rates: Rates
+               ) -> tuple[Params, AdamState]:
+        new: Params = {}
+        moments: tuple[Params, Params, Params] = ({}, {}, {})
+        for name, param in params.items():
+            previous: dict[str, Any] = {"step": state.step}
+            for key, store in zip(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), state[1:]):
+                if name in store:
+                    previous[key] = store[name]
+            new[name], step_state = adam_update(
+                param, grads[name], previous, lr=rates[name], betas=self.betas, eps=self.eps,
+                weight_decay=self.weight_decay, amsgrad=self.amsgrad,
+                decoupled_weight_decay=self.decoupled_weight_decay)
+            for key, store in zip(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), moments):
+                if key in step_state:
+                    store[name] = step_state[key]
+        return new, AdamState(state.step + 1, *moments)

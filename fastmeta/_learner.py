@@ -17,15 +17,20 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._inner_optim import InnerOptimizer, resolve_inner_optimizer
+from ._objectives import SupervisedLoss
 from ._task import Task, as_task, single_task, to_model
 from .engines import (
+    Adaptation,
     AutoEngine,
     Engine,
     EngineDecision,
     InnerLoop,
-    InnerLoopOutput,
-    LearnedLoss,
+    InnerObjective,
+    InnerRates,
     MetaGrad,
+    MetaLosses,
+    OuterObjective,
+    Params,
     resolve_engine,
     without_randomness,
 )
@@ -35,7 +40,33 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 # ``sync(learner, local)`` runs ``local()`` (this process's meta-gradient, written into
 # ``.grad``) and returns the losses of the whole meta-batch, with ``.grad`` combined over
 # processes. Set by :func:`fastmeta.distributed.data_parallel`.
-MetaGradientSync = Callable[["MetaLearner", Callable[[], InnerLoopOutput]], InnerLoopOutput]
+MetaGradientSync = Callable[["MetaLearner", Callable[[], MetaLosses]], MetaLosses]
+
+
+@dataclass(frozen=True)
+class ConstantRates:
+    """``inner_lr`` for every adapted parameter at every inner step."""
+
+    inner_lr: float
+
+    def __call__(self, step: int) -> Mapping[str, float]:
+        return _Same(self.inner_lr)
+
+
+class _Same(Mapping[str, float]):
+    """A mapping that gives one value for every key."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def __getitem__(self, key: str) -> float:
+        return self.value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
 
 _LOSSES: dict[str, LossFn] = {
     "mse": F.mse_loss,
@@ -157,7 +188,8 @@ class AdaptedTasks:
         if reference is not None:
             x = _like(x, reference)
         if not self.buffers:  # one vectorised call; buffers (BatchNorm) go task by task
-            return torch.func.vmap(lambda p, xt: functional_call(self.module, p, (xt,)))(
+            return torch.func.vmap(lambda p, xt: functional_call(self.module, p, (xt,)),
+                                   randomness="different")(
                 self.params, x
             )
         return torch.stack([self[t](x[t]) for t in range(len(self))])
@@ -290,7 +322,7 @@ class MetaLearner(nn.Module):
         )
         self.meta_steps_taken = 0
         self._warned_optimizer = False
-        self._meta_gradient_sync: MetaGradientSync | None = None
+        self.meta_gradient_sync: MetaGradientSync | None = None
 
     # ------------------------------------------------------------------ hooks for algorithms
 
@@ -334,7 +366,7 @@ class MetaLearner(nn.Module):
         """
         if task is None:
             raise ValueError("no task to probe")
-        memo = {id(self._engine): engine, id(self._meta_gradient_sync): None}
+        memo = {id(self._engine): engine, id(self.meta_gradient_sync): None}
         clone = copy.deepcopy(self, memo)
         first = Task(*(None if t is None else t[:2] for t in task))  # type: ignore[arg-type]
         if dtype is not None:
@@ -348,54 +380,65 @@ class MetaLearner(nn.Module):
             warnings.simplefilter("ignore")
             torch.manual_seed(0)
             if kind == "adapt":
-                output = clone._adapt(first, self.inner_steps if steps is None else steps)
-                assert output.params is not None  # keep_params=True
-                return output.params
+                return clone._adapt(first, self.inner_steps if steps is None else steps).params
             clone.zero_grad(set_to_none=True)
-            output = clone._meta_gradient(first)
+            output = clone.meta_gradient(first)
             grads = {n: p.grad for n, p in clone.named_parameters() if p.grad is not None}
             return {**grads, "query losses": output.query_losses.detach()}
+
+    # ------------------------------------------------------------------ the parts an algorithm
+    # chooses (override these in a subclass; see docs/contributing.md)
 
     def adapted_names(self) -> tuple[str, ...]:
         """Names of the model parameters updated in the inner loop (all trainable ones)."""
         return tuple(name for name, p in self.module.named_parameters() if p.requires_grad)
 
-    def _learned_lrs(self) -> dict[str, Tensor] | None:
-        """Learned per-parameter inner rates, or ``None`` for the fixed ``inner_lr``."""
-        return None
+    def inner_objective(self) -> InnerObjective:
+        """The loss each inner step descends: ``loss_fn(model(x), y)`` on the support set."""
+        return SupervisedLoss(self.loss_fn)
 
-    def _batch_indices(self, task: Task, steps: int) -> Tensor | None:
+    def inner_rates(self) -> InnerRates:
+        """``rates(step)``: the learning rate of each adapted parameter (``inner_lr``)."""
+        return ConstantRates(self.inner_lr)
+
+    def support_schedule(self, task: Task, steps: int) -> Tensor | None:
         """Support minibatch indices ``[tasks, steps, batch]``, or ``None`` (full batch)."""
         return None
 
-    def _learned_loss(self) -> LearnedLoss | None:
-        """A learned inner loss replacing ``loss_fn`` on the support set, or ``None``."""
+    def step_parameters(self) -> Callable[[int], Params] | None:
+        """``params(step)``: parameters that replace the model's at an inner step, or ``None``."""
         return None
 
-    def _meta_grad(self) -> MetaGrad:
+    def outer_objective(self) -> OuterObjective:
+        """The query loss the meta-gradient descends: ``loss_fn`` after the last step."""
+        return OuterObjective(self.loss_fn)
+
+    def meta_gradient_order(self) -> MetaGrad:
+        """How the meta-gradient sees the inner loop (second or first order)."""
         return MetaGrad.FIRST_ORDER if self.first_order else MetaGrad.SECOND_ORDER
 
-    def _inner_loop(self, task: Task, steps: int) -> InnerLoop:
+    def inner_loop(self, task: Task, steps: int) -> InnerLoop:
+        """The inner loop of ``steps`` steps for the tasks of ``task``, from the parts above."""
         return InnerLoop(
             adapted=self.adapted_names(),
+            objective=self.inner_objective(),
             optimizer=self.inner_optimizer,
-            inner_lr=self.inner_lr,
-            loss_fn=self.loss_fn,
+            rates=self.inner_rates(),
             steps=steps,
-            lrs=self._learned_lrs(),
-            batch_indices=self._batch_indices(task, steps),
-            learned_loss=self._learned_loss(),
+            batch_indices=self.support_schedule(task, steps),
+            step_params=self.step_parameters(),
         )
 
-    def _meta_gradient(self, task: Task) -> InnerLoopOutput:
-        """Write the meta-gradient into ``.grad``; return the detached losses."""
-        return self._engine.run(
-            self.module,
-            task,
-            self._inner_loop(task, self.inner_steps),
-            self._meta_grad(),
-            backward=True,
-        )
+    def meta_gradient(self, task: Task) -> MetaLosses:
+        """Add this learner's meta-gradient on ``task`` to ``.grad``; return the losses.
+
+        The unrolled meta-gradient (second or first order, :meth:`meta_gradient_order`);
+        Reptile, iMAML and the baselines override it. ``meta_step`` calls it (through
+        :attr:`meta_gradient_sync` under data-parallel training).
+        """
+        return self._engine.meta_gradient(
+            self.module, task, self.inner_loop(task, self.inner_steps),
+            self.outer_objective(), order=self.meta_gradient_order())
 
     # ------------------------------------------------------------------ public API
 
@@ -403,14 +446,27 @@ class MetaLearner(nn.Module):
         """Run the wrapped model (with the meta-parameters, no adaptation)."""
         return self.module(*args, **kwargs)
 
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters (where batches are moved)."""
+        return self._reference().device
+
     def _reference(self) -> Tensor:
         return next(p for p in self.module.parameters())
 
-    def _prepare(self, batch: Task | Mapping[str, Any]) -> Task:
+    def prepare(self, batch: Task | Mapping[str, Any]) -> Task:
+        """Validate ``batch`` and move it to the model's device and dtype, as every call does.
+
+        Args:
+            batch: as for :meth:`meta_step`.
+
+        Returns:
+            The :class:`fastmeta.Task` the engines run.
+        """
         return self._check_support_targets(to_model(as_task(batch), self._reference()))
 
     def _check_support_targets(self, task: Task) -> Task:
-        if task.support_y is None and self._learned_loss() is None:
+        if task.support_y is None and isinstance(self.inner_objective(), SupervisedLoss):
             raise ValueError(
                 f"the support set has no targets (support_y is None: the batch's support "
                 f"part holds inputs only), but {type(self).__name__}'s inner loss "
@@ -426,12 +482,13 @@ class MetaLearner(nn.Module):
         ``meta_step`` is the usual entry point; this is for custom outer loops and for
         checking gradients. It keeps every task's graph alive at once.
         """
-        task = self._prepare(batch)
+        task = self.prepare(batch)
         self._check_engine("meta_gradient", lambda: task)
-        output = self._engine.run(
-            self.module, task, self._inner_loop(task, self.inner_steps), self._meta_grad()
-        )
-        return output.query_losses.mean()
+        losses = self._engine.meta_loss(
+            self.module, task, self.inner_loop(task, self.inner_steps), self.outer_objective(),
+            order=self.meta_gradient_order())
+        assert losses.objectives is not None
+        return losses.objectives.mean()
 
     def meta_step(
         self, batch: Task | Mapping[str, Any], optimizer: torch.optim.Optimizer
@@ -461,19 +518,19 @@ class MetaLearner(nn.Module):
     def _meta_step(
         self, batch: Task | Mapping[str, Any], optimizer: torch.optim.Optimizer
     ) -> MetaStepResult:
-        sync = self._meta_gradient_sync
+        sync = self.meta_gradient_sync
         agree = getattr(sync, "agree", None)
         self._check_engine(
-            "meta_gradient", lambda: self._prepare(batch),
+            "meta_gradient", lambda: self.prepare(batch),
             agree=None if agree is None else partial(agree, self),
         )
 
-        def local() -> InnerLoopOutput:
+        def local() -> MetaLosses:
             self._check_optimizer(optimizer)
-            task = self._prepare(batch)
+            task = self.prepare(batch)
             optimizer.zero_grad(set_to_none=True)
             self.zero_grad(set_to_none=True)
-            return self._meta_gradient(task)
+            return self.meta_gradient(task)
 
         output = local() if sync is None else sync(self, local)
         self._check_finite(output)
@@ -507,7 +564,6 @@ class MetaLearner(nn.Module):
         task = self._check_support_targets(to_model(single_task(x, y), self._reference()))
         self._check_engine("adapt", lambda: task, steps=steps)
         output = self._adapt(task, steps)
-        assert output.params is not None and output.buffers is not None  # keep_params=True
         return AdaptedTasks(self.module, output.params, output.buffers, output.support_losses)[0]
 
     def adapt_many(
@@ -531,22 +587,14 @@ class MetaLearner(nn.Module):
             >>> mse = ((adapted(test_batch["test"][0]) - test_batch["test"][1]) ** 2).mean()
         """
         steps = self.inner_steps if steps is None else check_steps("steps", steps, 0)
-        task = self._prepare(batch)
+        task = self.prepare(batch)
         self._check_engine("adapt", lambda: task, steps=steps)
         output = self._adapt(task, steps)
-        assert output.params is not None and output.buffers is not None  # keep_params=True
         return AdaptedTasks(self.module, output.params, output.buffers, output.support_losses)
 
-    def _adapt(self, task: Task, steps: int) -> InnerLoopOutput:
+    def _adapt(self, task: Task, steps: int) -> Adaptation:
         with torch.enable_grad():
-            output = self._engine.run(
-                self.module,
-                task,
-                self._inner_loop(task, steps),
-                MetaGrad.NONE,
-                keep_params=True,
-                query=False,
-            )
+            output = self._engine.adapt(self.module, task, self.inner_loop(task, steps))
         if not torch.isfinite(output.support_losses).all():
             warnings.warn(
                 f"adapt: the support loss became non-finite during {steps} inner steps with "
@@ -590,7 +638,7 @@ class MetaLearner(nn.Module):
                 stacklevel=3,
             )
 
-    def _check_finite(self, output: InnerLoopOutput) -> None:
+    def _check_finite(self, output: MetaLosses) -> None:
         """Raise :class:`DivergenceError` (clearing ``.grad``) if anything is not finite."""
         meta_step = self.meta_steps_taken + 1
         bad_grads = [

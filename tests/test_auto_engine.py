@@ -159,7 +159,7 @@ def test_out_of_memory_is_never_taken_for_a_refusal(monkeypatch):
 
     assert not is_torch_func_refusal(torch.OutOfMemoryError("vmap: out of memory"))
     learner = fastmeta.MAML(tiny_mlp(), inner_lr=0.1, verify_engine=False)
-    monkeypatch.setattr(VmapEngine, "run", out_of_memory)
+    monkeypatch.setattr(VmapEngine, "meta_loss", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
         learner.meta_step(make_task(dtype=torch.float64),
                           torch.optim.SGD(learner.parameters(), lr=0.1))
@@ -233,7 +233,7 @@ class _Agreeing:
 @pytest.mark.parametrize("other_rank", [0, 2])
 def test_every_rank_takes_the_same_decision(other_rank):
     learner = fastmeta.MAML(tiny_mlp(), inner_lr=0.1)
-    learner._meta_gradient_sync = sync = _Agreeing(other_rank)
+    learner.meta_gradient_sync = sync = _Agreeing(other_rank)
     optimizer = torch.optim.SGD(learner.parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore" if other_rank else "error")

@@ -104,7 +104,7 @@ def test_reptile_several_steps_equals_unrolled_loop_and_outer_sgd_is_classic_rep
 
 def test_reptile_minibatches_cover_each_support_set_once_per_pass():
     learner = fastmeta.Reptile(tiny_mlp(), inner_lr=0.1, inner_steps=4, inner_batch_size=2)
-    indices = learner._batch_indices(make_task(shots=4), steps=4)
+    indices = learner.support_schedule(make_task(shots=4), steps=4)
     assert indices.shape == (3, 4, 2)
     for rows in indices:
         assert sorted(rows[:2].flatten().tolist()) == [0, 1, 2, 3]

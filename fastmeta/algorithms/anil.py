@@ -7,11 +7,13 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
-from .._learner import MetaLearner
+from .._learner import LossFn, MetaLearner
 
 
 class ANIL(MetaLearner):
@@ -24,7 +26,9 @@ class ANIL(MetaLearner):
         model: the network to meta-train.
         head: name of the submodule adapted in the inner loop, as in
             ``model.named_modules()`` (e.g. ``"head"``, ``"classifier"``, ``"net.4"``).
-        **kwargs: as for :class:`fastmeta.MAML` (``inner_lr``, ``inner_steps``, ...).
+        inner_lr, inner_steps, first_order, loss_fn, inner_optimizer,
+            inner_optimizer_kwargs, engine, compile, verify_engine: as for
+            :class:`fastmeta.MAML`.
 
     Example:
         >>> learner = fastmeta.ANIL(fastmeta.models.Conv4(num_classes=5), head="head",
@@ -34,8 +38,27 @@ class ANIL(MetaLearner):
         Raghu et al., ICLR 2020, https://arxiv.org/abs/1909.09157
     """
 
-    def __init__(self, model: nn.Module, *, head: str, **kwargs: Any) -> None:
-        super().__init__(model, **kwargs)
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        head: str,
+        inner_lr: float,
+        inner_steps: int = 1,
+        loss_fn: str | LossFn | None = None,
+        inner_optimizer: str | type[torch.optim.Optimizer] = "sgd",
+        inner_optimizer_kwargs: Mapping[str, Any] | None = None,
+        engine: str = "auto",
+        compile: bool = False,
+        verify_engine: bool = True,
+        first_order: bool = False,
+    ) -> None:
+        super().__init__(
+            model, first_order=first_order, inner_lr=inner_lr, inner_steps=inner_steps,
+            loss_fn=loss_fn,
+            inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
+            engine=engine, compile=compile, verify_engine=verify_engine,
+        )
         modules = dict(model.named_modules())
         if not isinstance(head, str) or not head or head not in modules:
             children = [name for name, _ in model.named_children()]

@@ -7,13 +7,14 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from .._learner import MetaLearner
-from ..engines import LearnedLoss
+from .._learner import LossFn, MetaLearner
+from .._objectives import LearnedLoss
 
 
 class DAML(MetaLearner):
@@ -42,15 +43,16 @@ class DAML(MetaLearner):
         adaptation_loss: ``adaptation_loss(output, *features) -> scalar``; an
             ``nn.Module`` (its parameters become meta-parameters, in
             ``learner.parameters()`` and ``learner.state_dict()``) or any callable.
-            For the seed's loss network, which outputs a value ``h`` per input, return
+            For the DAML paper's loss network, which outputs a value ``h`` per input, return
             ``h.abs().mean()``.
         inner_lr: inner learning rate α.
         inner_steps: inner steps per task.
         features: names of submodules whose outputs ``adaptation_loss`` receives after
             the model's output, in this order.
         loss_fn: outer loss on the query pairs (default mean squared error; e.g. ``"l1"``).
-        inner_optimizer, inner_optimizer_kwargs, engine, compile: as for
+        inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine: as for
             :class:`fastmeta.MAML`. Both engines run DAML.
+        first_order: must stay ``False``.
 
     Raises:
         ValueError: ``first_order=True`` (the loss network would get no meta-gradient),
@@ -78,16 +80,26 @@ class DAML(MetaLearner):
         inner_lr: float,
         inner_steps: int = 1,
         features: Sequence[str] = (),
-        **kwargs: Any,
+        loss_fn: str | LossFn | None = None,
+        inner_optimizer: str | type[torch.optim.Optimizer] = "sgd",
+        inner_optimizer_kwargs: Mapping[str, Any] | None = None,
+        engine: str = "auto",
+        compile: bool = False,
+        verify_engine: bool = True,
+        first_order: bool = False,
     ) -> None:
-        if kwargs.get("first_order"):
+        if first_order:
             raise ValueError(
                 "DAML cannot be first-order: got first_order=True, but the learned inner "
                 "loss reaches the query loss only through the inner gradients, so with "
                 "first-order meta-gradients adaptation_loss would never be trained. "
                 "Drop first_order"
             )
-        super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, **kwargs)
+        super().__init__(
+            model, inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn,
+            inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
+            engine=engine, compile=compile, verify_engine=verify_engine,
+        )
         if not callable(adaptation_loss):
             raise TypeError(
                 f"adaptation_loss must be an nn.Module or a callable (output, *features) -> "
@@ -109,7 +121,8 @@ class DAML(MetaLearner):
                 )
         self.adaptation_loss = adaptation_loss
 
-    def _learned_loss(self) -> LearnedLoss:
+    def inner_objective(self) -> LearnedLoss:
+        """The learned loss over the model's output and the named features."""
         return LearnedLoss(self.adaptation_loss, self.features)
 
     def extra_repr(self) -> str:

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._learner import MetaLearner
+from .._learner import LossFn, MetaLearner
 from .._task import Task
-from ..engines import InnerLoopOutput
+from ..engines import MetaLosses
 
 
 class JointTraining(MetaLearner):
@@ -35,7 +35,9 @@ class JointTraining(MetaLearner):
         model: the network to train.
         inner_lr: learning rate of fine-tuning in ``adapt``.
         inner_steps: default fine-tuning steps in ``adapt``.
-        **kwargs: ``loss_fn``, ``inner_optimizer``, ... as for :class:`fastmeta.MAML`.
+        loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, verify_engine: as for
+            :class:`fastmeta.MAML` (the engine runs ``adapt``).
+        first_order: not accepted (there is no inner loop to differentiate through).
 
     Example:
         >>> baseline = fastmeta.JointTraining(model, inner_lr=0.01)
@@ -43,30 +45,45 @@ class JointTraining(MetaLearner):
         >>> adapted = baseline.adapt(support_x, support_y, steps=10)
     """
 
-    def __init__(self, model: nn.Module, *, inner_lr: float, **kwargs: Any) -> None:
-        if "first_order" in kwargs:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        inner_lr: float,
+        inner_steps: int = 1,
+        loss_fn: str | LossFn | None = None,
+        inner_optimizer: str | type[torch.optim.Optimizer] = "sgd",
+        inner_optimizer_kwargs: Mapping[str, Any] | None = None,
+        engine: str = "auto",
+        verify_engine: bool = True,
+        first_order: bool | None = None,
+    ) -> None:
+        if first_order is not None:
             raise ValueError(
                 "JointTraining takes no first_order argument: it has no inner loop to "
                 "differentiate through"
             )
-        super().__init__(model, inner_lr=inner_lr, **kwargs)
+        super().__init__(
+            model, inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn,
+            inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
+            engine=engine, verify_engine=verify_engine,
+        )
 
     def _pooled_losses(self, task: Task) -> Tensor:
         """``[tasks]`` loss of the model on all of each task's examples."""
-        assert task.support_y is not None  # _prepare refuses unlabelled support sets
+        assert task.support_y is not None  # prepare refuses unlabelled support sets
         x = torch.cat([task.support_x, task.query_x], dim=1)
         y = torch.cat([task.support_y, task.query_y], dim=1)
         flat = self.module(x.flatten(0, 1))
         out = flat.view(x.shape[0], x.shape[1], *flat.shape[1:])
         return torch.stack([self.loss_fn(out[t], y[t]) for t in range(task.num_tasks)])
 
-    def _meta_gradient(self, task: Task) -> InnerLoopOutput:
+    def meta_gradient(self, task: Task) -> MetaLosses:
+        """The gradient of the pooled loss (no adaptation)."""
         losses = self._pooled_losses(task)
         losses.mean().backward()
-        return InnerLoopOutput(
-            query_losses=losses.detach(), support_losses=losses.new_zeros(task.num_tasks, 0)
-        )
+        return MetaLosses(losses.detach(), losses.new_zeros(task.num_tasks, 0))
 
     def meta_loss(self, batch: Task | Mapping[str, Any]) -> Tensor:
         """Mean loss over all examples of every task (no adaptation), differentiable."""
-        return self._pooled_losses(self._prepare(batch)).mean()
+        return self._pooled_losses(self.prepare(batch)).mean()

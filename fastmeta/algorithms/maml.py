@@ -7,11 +7,13 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
-from .._learner import MetaLearner
+from .._learner import LossFn, MetaLearner
 
 
 class MAML(MetaLearner):
@@ -30,7 +32,10 @@ class MAML(MetaLearner):
         loss_fn: ``loss_fn(prediction, target)``; default mean squared error.
         inner_optimizer: ``"sgd"`` (default), ``"adam"``, ``"adamw"``, ... or a torch.optim class.
         inner_optimizer_kwargs: its settings (``momentum``, ``betas``, ``weight_decay``, ...).
-        engine: ``"auto"`` or ``"higher"``.
+        engine: ``"auto"`` (default), ``"vmap"`` or ``"higher"``; see
+            :attr:`fastmeta.MetaLearner.engine_decision`.
+        compile: ``torch.compile`` the vectorised meta-step.
+        verify_engine: let ``engine="auto"`` check the vectorised engine once.
 
     Example:
         >>> learner = fastmeta.MAML(model, inner_lr=0.01, inner_steps=1)
@@ -53,10 +58,28 @@ class FOMAML(MAML):
         Finn et al., ICML 2017, §5.2; Nichol et al. 2018, https://arxiv.org/abs/1803.02999
     """
 
-    def __init__(self, model: nn.Module, **kwargs: Any) -> None:
-        if not kwargs.pop("first_order", True):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        inner_lr: float,
+        inner_steps: int = 1,
+        loss_fn: str | LossFn | None = None,
+        inner_optimizer: str | type[torch.optim.Optimizer] = "sgd",
+        inner_optimizer_kwargs: Mapping[str, Any] | None = None,
+        engine: str = "auto",
+        compile: bool = False,
+        verify_engine: bool = True,
+        first_order: bool = True,
+    ) -> None:
+        if not first_order:
             raise ValueError(
                 "FOMAML is first-order by definition; got first_order=False. "
                 "Use fastmeta.MAML for second-order meta-gradients"
             )
-        super().__init__(model, first_order=True, **kwargs)
+        super().__init__(
+            model, first_order=True, inner_lr=inner_lr, inner_steps=inner_steps,
+            loss_fn=loss_fn,
+            inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
+            engine=engine, compile=compile, verify_engine=verify_engine,
+        )

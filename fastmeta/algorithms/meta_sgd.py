@@ -8,12 +8,14 @@ References:
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .._learner import MetaLearner
+from .._learner import LossFn, MetaLearner
+from ..engines import InnerRates
 
 
 class MetaSGD(MetaLearner):
@@ -27,8 +29,9 @@ class MetaSGD(MetaLearner):
     Args:
         model: the network to meta-train.
         inner_lr: initial value of every rate.
-        **kwargs: as for :class:`fastmeta.MAML`. With another inner optimiser than SGD,
-            the learned rates scale that optimiser's step.
+        inner_steps, first_order, loss_fn, inner_optimizer, inner_optimizer_kwargs, engine,
+            compile, verify_engine: as for :class:`fastmeta.MAML`. With another inner
+            optimiser than SGD, the learned rates scale that optimiser's step.
 
     Example:
         >>> learner = fastmeta.MetaSGD(model, inner_lr=0.01)
@@ -38,8 +41,26 @@ class MetaSGD(MetaLearner):
         Li et al. 2017, https://arxiv.org/abs/1707.09835
     """
 
-    def __init__(self, model: nn.Module, *, inner_lr: float, **kwargs: Any) -> None:
-        super().__init__(model, inner_lr=inner_lr, **kwargs)
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        inner_lr: float,
+        inner_steps: int = 1,
+        loss_fn: str | LossFn | None = None,
+        inner_optimizer: str | type[torch.optim.Optimizer] = "sgd",
+        inner_optimizer_kwargs: Mapping[str, Any] | None = None,
+        engine: str = "auto",
+        compile: bool = False,
+        verify_engine: bool = True,
+        first_order: bool = False,
+    ) -> None:
+        super().__init__(
+            model, first_order=first_order, inner_lr=inner_lr, inner_steps=inner_steps,
+            loss_fn=loss_fn,
+            inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
+            engine=engine, compile=compile, verify_engine=verify_engine,
+        )
         named = dict(model.named_parameters())
         self._lr_keys = {name: name.replace(".", "-") for name in super().adapted_names()}
         # An OrderedDict keeps the model's parameter order (a plain dict would be sorted).
@@ -54,5 +75,9 @@ class MetaSGD(MetaLearner):
         """The parameters that have a learned rate (trainable at construction)."""
         return tuple(self._lr_keys)
 
-    def _learned_lrs(self) -> dict[str, Tensor] | None:
+    def inner_rates(self) -> InnerRates:
+        """The learned rates, the same at every inner step."""
+        return self._rates
+
+    def _rates(self, step: int) -> dict[str, Tensor]:
         return {name: self.inner_lrs[key] for name, key in self._lr_keys.items()}

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._learner import MetaLearner, check_steps
+from .._learner import AdaptedTasks, LossFn, MetaLearner, check_steps
 from .._task import Task
-from ..engines import InnerLoopOutput, MetaGrad
+from ..engines import MetaLosses
 
 
 class Reptile(MetaLearner):
@@ -35,7 +35,9 @@ class Reptile(MetaLearner):
         inner_batch_size: support examples per inner step; ``None`` uses the whole support
             set at every step. With minibatches, each task's support set is reshuffled after
             every pass (as in the Reptile paper's sine experiment).
-        loss_fn, inner_optimizer, inner_optimizer_kwargs, engine: as for :class:`fastmeta.MAML`.
+        loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine: as
+            for :class:`fastmeta.MAML`.
+        first_order: not accepted (Reptile never differentiates through the inner loop).
 
     Example:
         >>> learner = fastmeta.Reptile(model, inner_lr=0.02, inner_steps=5, inner_batch_size=10)
@@ -52,20 +54,30 @@ class Reptile(MetaLearner):
         inner_lr: float,
         inner_steps: int,
         inner_batch_size: int | None = None,
-        **kwargs: Any,
+        loss_fn: str | LossFn | None = None,
+        inner_optimizer: str | type[torch.optim.Optimizer] = "sgd",
+        inner_optimizer_kwargs: Mapping[str, Any] | None = None,
+        engine: str = "auto",
+        compile: bool = False,
+        verify_engine: bool = True,
+        first_order: bool | None = None,
     ) -> None:
-        if "first_order" in kwargs:
+        if first_order is not None:
             raise ValueError(
                 "Reptile takes no first_order argument: it never differentiates through "
                 "the inner loop"
             )
-        super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, **kwargs)
+        super().__init__(
+            model, inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn,
+            inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
+            engine=engine, compile=compile, verify_engine=verify_engine,
+        )
         self.first_order = True
         self.inner_batch_size = None
         if inner_batch_size is not None:
             self.inner_batch_size = check_steps("inner_batch_size", inner_batch_size, 1)
 
-    def _batch_indices(self, task: Task, steps: int) -> Tensor | None:
+    def support_schedule(self, task: Task, steps: int) -> Tensor | None:
         if self.inner_batch_size is None or steps == 0:
             return None
         shots = int(task.support_x.shape[1])
@@ -83,16 +95,25 @@ class Reptile(MetaLearner):
         indices = torch.stack(rows).view(task.num_tasks, steps, self.inner_batch_size)
         return indices.to(task.support_x.device)
 
-    def _meta_gradient(self, task: Task) -> InnerLoopOutput:
-        loop = self._inner_loop(task, self.inner_steps)
-        output = self._engine.run(self.module, task, loop, MetaGrad.NONE, keep_params=True)
-        assert output.params is not None  # keep_params=True
+    def meta_gradient(self, task: Task) -> MetaLosses:
+        """Write the pseudo-gradient ``θ − mean_tasks φ`` into ``.grad`` of the adapted
+        parameters; the query losses (after adaptation) are only reported."""
+        loop = self.inner_loop(task, self.inner_steps)
+        adaptation = self._engine.adapt(self.module, task, loop)
         named = dict(self.module.named_parameters())
         with torch.no_grad():
             for name in loop.adapted:
                 param = named[name]
-                param.grad = param.detach() - output.params[name].mean(dim=0)
-        return output
+                param.grad = param.detach() - adaptation.params[name].mean(dim=0)
+            adapted = AdaptedTasks(self.module, adaptation.params, adaptation.buffers,
+                                   adaptation.support_losses)
+            if self.engine == "vmap":  # one vectorised forward
+                outputs = list(adapted(task.query_x))
+            else:  # a model vmap cannot run (an RNN): task by task
+                outputs = [adapted[t](task.query_x[t]) for t in range(task.num_tasks)]
+            query = torch.stack([self.loss_fn(outputs[t], task.query_y[t])
+                                 for t in range(task.num_tasks)])
+        return MetaLosses(query, adaptation.support_losses)
 
     def meta_loss(self, batch: Task | Mapping[str, Any]) -> Tensor:
         """Not defined for Reptile.

@@ -41,7 +41,7 @@ def per_task(
     A task whose fine-tuning diverges gets NaN or ``inf`` (counted by :func:`summarize`)
     instead of a warning per call.
     """
-    task = learner._prepare(batch)
+    task = learner.prepare(batch)
     adapted = adapt_quietly(learner, task, steps)
     with torch.no_grad():
         prediction = adapted(task.query_x)

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from .._learner import MetaLearner
-from ..engines import InnerLoopOutput
+from ..engines import MetaLosses
 from ._process import require_distributed
 
 
@@ -65,17 +65,17 @@ class MetaGradientAverager:
     def agree(self, learner: MetaLearner, verdict: int) -> int:
         """The worst of every rank's verdict (``engine="auto"``'s check), so that all
         ranks take the same engine."""
-        flag = torch.tensor([verdict], dtype=torch.int64, device=learner._reference().device)
+        flag = torch.tensor([verdict], dtype=torch.int64, device=learner.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return int(flag)
 
     def __call__(
-        self, learner: MetaLearner, local: Callable[[], InnerLoopOutput]
-    ) -> InnerLoopOutput:
+        self, learner: MetaLearner, local: Callable[[], MetaLosses]
+    ) -> MetaLosses:
         """Run ``local()`` here, combine with the other ranks, return the global losses."""
         group = self.group
         world, me = dist.get_world_size(group), dist.get_rank(group)
-        device = learner._reference().device
+        device = learner.device
         meta_step = learner.meta_steps_taken + 1
 
         failure: Exception | None = None
@@ -105,11 +105,11 @@ class MetaGradientAverager:
 
 def _reduce(
     learner: MetaLearner,
-    output: InnerLoopOutput,
+    output: MetaLosses,
     counts: list[int],
     me: int,
     group: ProcessGroup | None,
-) -> InnerLoopOutput:
+) -> MetaLosses:
     """Sum the weighted gradients and the losses of every rank (one collective per dtype)."""
     total, share, world = sum(counts), max(counts), len(counts)
     weight = counts[me] / total
@@ -152,7 +152,7 @@ def _reduce(
             parts = [slots[r, : counts[r]] for r in range(world)]
             gathered = torch.cat(parts)
             query, support = gathered[:, 0], gathered[:, 1:].to(output.support_losses.dtype)
-    return InnerLoopOutput(query_losses=query, support_losses=support)
+    return MetaLosses(query_losses=query, support_losses=support)
 
 
 def data_parallel(
@@ -214,5 +214,5 @@ def data_parallel(
         with torch.no_grad():
             for tensor in state.values():
                 dist.broadcast(tensor.data, src=source, group=group)
-    learner._meta_gradient_sync = MetaGradientAverager(group)
+    learner.meta_gradient_sync = MetaGradientAverager(group)
     return learner

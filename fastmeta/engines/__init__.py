@@ -1,7 +1,7 @@
 """Engines: how a learner's inner loop is run and differentiated.
 
-- ``"higher"``: higher's functional copies and differentiable optimisers, task by task;
-  runs any module and any optimiser higher knows.
+- ``"higher"``: higher's functional copies, task by task; runs any module and any
+  optimiser higher knows.
 - ``"vmap"``: ``torch.func`` (``functional_call`` + ``grad`` + ``vmap`` over tasks), the
   fast path; optionally ``torch.compile``d.
 - ``"auto"`` (default): ``"vmap"`` where a first-call check finds it exact for the model,
@@ -23,9 +23,20 @@ from ._auto import (
     is_torch_func_refusal,
     vmap_obstacle,
 )
-from ._base import Engine, InnerLoop, InnerLoopOutput, LearnedLoss, MetaGrad
+from ._base import (
+    Adaptation,
+    Engine,
+    InnerContext,
+    InnerLoop,
+    InnerObjective,
+    InnerRates,
+    MetaGrad,
+    MetaLosses,
+    OuterObjective,
+    Params,
+)
 from ._exact import exact_layers, refused_layer, without_randomness
-from ._higher import DifferentiableAdam, DifferentiableAdamW, HigherEngine
+from ._higher import HigherEngine
 from ._vmap import VmapEngine
 
 ENGINES = ("auto", "vmap", "higher")
@@ -74,16 +85,19 @@ def resolve_engine(
 __all__ = [
     "ENGINES",
     "TORCH_FUNC_REFUSALS",
+    "Adaptation",
     "AutoEngine",
-    "DifferentiableAdam",
-    "DifferentiableAdamW",
     "Engine",
     "EngineDecision",
     "HigherEngine",
+    "InnerContext",
     "InnerLoop",
-    "InnerLoopOutput",
-    "LearnedLoss",
+    "InnerObjective",
+    "InnerRates",
     "MetaGrad",
+    "MetaLosses",
+    "OuterObjective",
+    "Params",
     "VmapEngine",
     "exact_layers",
     "is_torch_func_refusal",

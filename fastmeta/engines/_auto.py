@@ -25,13 +25,14 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .._inner_optim import InnerOptimizer
+from .._inner_optim import FUNCTIONAL_OPTIMIZERS, InnerOptimizer
 from .._task import Task
-from ._base import Engine, InnerLoop, InnerLoopOutput, MetaGrad
+from ._base import Adaptation, Engine, InnerLoop, MetaGrad, MetaLosses, OuterObjective
 from ._exact import unvectorisable_layer
 from ._higher import HigherEngine
 from ._vmap import VmapEngine
@@ -71,9 +72,10 @@ def is_torch_func_refusal(error: BaseException) -> bool:
 def vmap_obstacle(model: nn.Module, optimizer: InnerOptimizer) -> str | None:
     """Why the vectorised engine cannot run this configuration, or ``None``."""
     if not optimizer.functional:
+        names = ", ".join(repr(name) for name in FUNCTIONAL_OPTIMIZERS)
         return (
             f"inner_optimizer={optimizer.name!r} has no functional rule in fastmeta "
-            f"(the vectorised engine supports 'sgd', 'adam' and 'adamw')"
+            f"(the vectorised engine supports {names})"
         )
     return unvectorisable_layer(model)
 
@@ -245,20 +247,22 @@ class AutoEngine(Engine):
             )
         return INCONCLUSIVE, ""  # higher failed too: the input's error shows in the call
 
-    def run(
-        self,
-        module: nn.Module,
-        task: Task,
-        loop: InnerLoop,
-        meta_grad: MetaGrad,
-        *,
-        backward: bool = False,
-        keep_params: bool = False,
-        query: bool = True,
-    ) -> InnerLoopOutput:
-        def attempt(engine: Engine) -> InnerLoopOutput:
-            return engine.run(module, task, loop, meta_grad, backward=backward,
-                              keep_params=keep_params, query=query)
+    def adapt(self, module: nn.Module, task: Task, loop: InnerLoop, *,
+              order: MetaGrad = MetaGrad.NONE) -> Adaptation:
+        return self._call("adapt", module, task, loop, order=order)
+
+    def meta_loss(self, module: nn.Module, task: Task, loop: InnerLoop,
+                  outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
+        return self._call("meta_loss", module, task, loop, outer, order=order)
+
+    def meta_gradient(self, module: nn.Module, task: Task, loop: InnerLoop,
+                      outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
+        return self._call("meta_gradient", module, task, loop, outer, order=order)
+
+    def _call(self, verb: str, module: nn.Module, task: Task, loop: InnerLoop, *args: Any,
+              **kwargs: Any) -> Any:
+        def attempt(engine: Engine) -> Any:
+            return getattr(engine, verb)(module, task, loop, *args, **kwargs)
 
         if self._settled:
             return attempt(self._current)
@@ -267,8 +271,8 @@ class AutoEngine(Engine):
         except RuntimeError as error:
             if not is_torch_func_refusal(error):
                 raise
-            if backward:  # a backward pass that broke off may have written some .grad
-                for tensor in [*module.parameters(), *(loop.lrs or {}).values()]:
+            if verb == "meta_gradient":  # a backward pass that broke off may have written .grad
+                for tensor in module.parameters():
                     tensor.grad = None
             try:
                 output = attempt(self._higher)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import enum
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -16,19 +15,7 @@ from .._task import Task
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-@dataclass(frozen=True)
-class LearnedLoss:
-    """An inner loss computed from what the model produced, without support targets.
-
-    Attributes:
-        loss: ``loss(output, *features) -> scalar`` (e.g. a network whose parameters are
-            meta-parameters). ``features`` are the outputs of the submodules named in
-            ``features``, in that order, captured during the same forward pass.
-        features: names of submodules as in ``model.named_modules()``.
-    """
-
-    loss: Callable[..., Tensor]
-    features: tuple[str, ...] = ()
+Params = dict[str, Tensor]
 
 
 class MetaGrad(enum.Enum):
@@ -36,7 +23,36 @@ class MetaGrad(enum.Enum):
 
     SECOND_ORDER = "second_order"  # differentiate through every inner step
     FIRST_ORDER = "first_order"  # inner gradients treated as constants
-    NONE = "none"  # no meta-gradient at all (Reptile, test-time adaptation)
+    NONE = "none"  # no meta-gradient at all (Reptile, iMAML, test-time adaptation)
+
+
+@dataclass(frozen=True)
+class InnerContext:
+    """What an inner objective sees at one inner step of one task.
+
+    Attributes:
+        module: the module object that runs (the user's model under ``torch.func``,
+            higher's functional copy under higher): where forward hooks capture features.
+        forward: the model's forward with the current fast weights.
+        fast: the current fast weights of the adapted parameters.
+        initial: their values before the inner loop (θ), for proximal objectives.
+        x: this step's support inputs; y: their targets (``None`` when unlabelled).
+        step: the 0-based inner step.
+    """
+
+    module: nn.Module
+    forward: Callable[[Tensor], Tensor]
+    fast: Params
+    initial: Params
+    x: Tensor
+    y: Tensor | None
+    step: int
+
+
+# The inner objective: the scalar loss each inner step descends.
+InnerObjective = Callable[[InnerContext], Tensor]
+# The learning rate of every adapted parameter at an inner step.
+InnerRates = Callable[[int], Mapping[str, "float | Tensor"]]
 
 
 @dataclass(frozen=True)
@@ -46,74 +62,116 @@ class InnerLoop:
     Attributes:
         adapted: names (as in ``named_parameters()``) of the parameters updated in the
             inner loop; the others are used as they are.
-        optimizer: the inner optimiser's rule and settings.
-        inner_lr: the inner learning rate.
-        loss_fn: inner and outer loss, ``loss_fn(prediction, target) -> scalar``.
+        objective: the loss each inner step descends, given the fast weights and data.
+        optimizer: the inner optimiser; its :meth:`InnerOptimizer.rule` updates the weights
+            (higher's differentiable optimiser for the ones fastmeta has no rule for).
+        rates: ``rates(step)``: the learning rate of each adapted parameter at ``step``.
         steps: number of inner steps.
-        lrs: learned per-parameter rates (Meta-SGD), keyed like ``adapted``, or ``None``.
         batch_indices: ``[tasks, steps, batch]`` support indices for minibatch inner steps
             (Reptile's ``inner_batch_size``), or ``None`` for full-batch steps.
-        learned_loss: replaces ``loss_fn(output, support_y)`` in the inner loop (DAML);
-            the query loss stays ``loss_fn``.
+        step_params: ``step_params(step)``: parameters (not adapted) that replace the
+            model's at that step, e.g. MAML++'s per-step BatchNorm weights; ``step`` counts
+            the updates made so far (the query loss after the last step sees ``steps``).
     """
 
     adapted: tuple[str, ...]
+    objective: InnerObjective
     optimizer: InnerOptimizer
-    inner_lr: float
-    loss_fn: LossFn
+    rates: InnerRates
     steps: int
-    lrs: dict[str, Tensor] | None = None
     batch_indices: Tensor | None = None
-    learned_loss: LearnedLoss | None = None
+    step_params: Callable[[int], Params] | None = None
+
+
+@dataclass(frozen=True)
+class OuterObjective:
+    """The query loss a meta-gradient descends.
+
+    Attributes:
+        loss_fn: ``loss_fn(prediction, target) -> scalar`` on the query set.
+        step_weights: weight of the query loss after each inner step (MAML++'s multi-step
+            loss), or ``None`` for the loss after the last step alone.
+    """
+
+    loss_fn: LossFn
+    step_weights: tuple[float, ...] | None = None
+
+    def weights(self, steps: int) -> tuple[float, ...]:
+        """``steps`` weights, one per inner step (the last one is MAML's query loss)."""
+        if self.step_weights is None:
+            return (0.0,) * max(steps - 1, 0) + (1.0,)
+        if len(self.step_weights) != max(steps, 1):
+            raise ValueError(
+                f"step_weights has {len(self.step_weights)} weights for {steps} inner steps"
+            )
+        return self.step_weights
 
 
 @dataclass
-class InnerLoopOutput:
-    """What an engine returns for a batch of tasks.
+class Adaptation:
+    """Fast weights of every task of a batch, from :meth:`Engine.adapt`.
 
     Attributes:
-        query_losses: ``[tasks]`` query loss after adaptation; carries the graph to the
-            meta-parameters unless the engine already ran backward (or ``NONE``).
-        support_losses: ``[tasks, steps]`` detached support loss before each inner step.
-        params: adapted parameters stacked over tasks (``[tasks, ...]``, detached), if asked.
-        buffers: buffers after adaptation stacked over tasks, if ``params`` was asked.
+        params: every model parameter after adaptation, ``[tasks, ...]``; differentiable
+            with respect to the meta-parameters unless the order was ``NONE``.
+        buffers: buffers after adaptation, ``[tasks, ...]`` (detached).
+        support_losses: ``[tasks, steps]`` detached inner objective before each step.
+    """
+
+    params: Params
+    buffers: Params
+    support_losses: Tensor
+
+
+@dataclass
+class MetaLosses:
+    """The losses of a meta-gradient computation (detached unless said otherwise).
+
+    Attributes:
+        query_losses: ``[tasks]`` query loss after the last inner step.
+        support_losses: ``[tasks, steps]`` inner objective before each inner step.
+        objectives: ``[tasks]`` the per-task meta-objective (the query losses weighted by
+            :class:`OuterObjective`), with its graph from :meth:`Engine.meta_loss`.
     """
 
     query_losses: Tensor
     support_losses: Tensor
-    params: dict[str, Tensor] | None = None
-    buffers: dict[str, Tensor] | None = None
+    objectives: Tensor | None = None
 
 
 class Engine:
-    """Base class of engines. Subclasses implement :meth:`run`."""
+    """How the inner loop is run and differentiated: three verbs.
+
+    - :meth:`adapt`: the fast weights of every task.
+    - :meth:`meta_loss`: the per-task meta-objective, with its graph.
+    - :meth:`meta_gradient`: the same, differentiated: the mean meta-objective's gradient
+      is added to ``.grad`` (an engine may go task by task to save memory).
+    """
 
     name: str = "base"
 
-    def run(
-        self,
-        module: nn.Module,
-        task: Task,
-        loop: InnerLoop,
-        meta_grad: MetaGrad,
-        *,
-        backward: bool = False,
-        keep_params: bool = False,
-        query: bool = True,
-    ) -> InnerLoopOutput:
-        """Adapt ``module`` to every task of ``task`` and evaluate the query loss.
+    def adapt(self, module: nn.Module, task: Task, loop: InnerLoop, *,
+              order: MetaGrad = MetaGrad.NONE) -> Adaptation:
+        """Adapt ``module`` to every task of ``task``; ``module`` is never modified.
 
         Args:
-            module: the user's model; never modified.
-            task: the tasks, each tensor ``[tasks, examples, ...]``.
-            loop: the inner-loop definition.
-            meta_grad: how the meta-gradient flows through the inner loop.
-            backward: run ``backward`` on the mean query loss here (the engine may do it
-                task by task to save memory); ``query_losses`` come back detached.
-            keep_params: also return the adapted parameters and buffers.
-            query: evaluate the query loss (``False`` for test-time ``adapt``).
+            order: how the returned weights depend on the meta-parameters: ``NONE``
+                (detached), ``FIRST_ORDER`` or ``SECOND_ORDER``.
         """
         raise NotImplementedError
+
+    def meta_loss(self, module: nn.Module, task: Task, loop: InnerLoop,
+                  outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
+        """Adapt, then evaluate ``outer`` on the query sets; ``objectives`` keeps its graph."""
+        raise NotImplementedError
+
+    def meta_gradient(self, module: nn.Module, task: Task, loop: InnerLoop,
+                      outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
+        """Add the gradient of the mean meta-objective to ``.grad``; return detached losses."""
+        losses = self.meta_loss(module, task, loop, outer, order=order)
+        assert losses.objectives is not None
+        losses.objectives.mean().backward()
+        return MetaLosses(losses.query_losses.detach(), losses.support_losses)
 
 
 def support_batch(
@@ -126,75 +184,6 @@ def support_batch(
         return x, y
     rows = loop.batch_indices[index, step]
     return x[rows], None if y is None else y[rows]
-
-
-@contextlib.contextmanager
-def captured(module: nn.Module, names: tuple[str, ...]) -> Iterator[list[Tensor | None]]:
-    """Outputs of the submodules ``names`` of ``module`` during the block, in that order.
-
-    Forward hooks are put on the submodules of the very module object that runs (the
-    user's model under ``torch.func.functional_call``, higher's functional copy under
-    higher, whose submodules are copies too) and removed afterwards, so the model is
-    left as it was. A submodule called twice keeps its last output.
-    """
-    slots: list[Tensor | None] = [None] * len(names)
-    handles = []
-
-    def keep(position: int) -> Callable[..., None]:
-        def hook(_module: nn.Module, _inputs: object, output: Tensor) -> None:
-            slots[position] = output
-
-        return hook
-
-    try:
-        for position, name in enumerate(names):
-            handles.append(module.get_submodule(name).register_forward_hook(keep(position)))
-        yield slots
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def inner_loss(
-    loop: InnerLoop,
-    module: nn.Module,
-    run: Callable[[Tensor], Tensor],
-    x: Tensor,
-    y: Tensor | None,
-) -> Tensor:
-    """The inner-loop loss of one task: ``loss_fn(run(x), y)`` or the learned loss.
-
-    Args:
-        loop: the inner-loop definition.
-        module: the module object that ``run`` calls (where features are captured).
-        run: the model's forward with the current fast weights.
-        x: support inputs; y: support targets (``None`` for unlabelled support sets).
-    """
-    learned = loop.learned_loss
-    if learned is None:
-        if y is None:
-            raise ValueError(
-                "the support set has no targets, and this learner's inner loss "
-                "loss_fn(prediction, target) needs them; give the batch support targets, or "
-                "use a learner with a learned inner loss (fastmeta.DAML)"
-            )
-        return loop.loss_fn(run(x), y)
-    with captured(module, learned.features) as slots:
-        output = run(x)
-    missing = [name for name, value in zip(learned.features, slots) if value is None]
-    if missing:
-        raise ValueError(
-            f"features {missing} produced no output during the model's forward (the "
-            f"submodules were not called); name submodules that forward() calls"
-        )
-    loss = learned.loss(output, *slots)
-    if not isinstance(loss, Tensor) or loss.dim() != 0:
-        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError(
-            f"adaptation_loss must return a scalar tensor (the inner loss), got "
-            f"{shape}; reduce it, e.g. return net(...).abs().mean()"
-        )
-    return loss
 
 
 def detach_all(grads: list[Tensor | None]) -> list[Tensor | None]:

@@ -1,14 +1,11 @@
-"""The general engine: higher's functional copies and differentiable optimisers.
+"""The general engine: higher's functional copies, task by task.
 
-It runs the meta-batch task by task. Every task gets a functional copy of the
-model (``higher.monkeypatch`` with ``copy_initial_weights=False``, so that the
-meta-gradient reaches the model itself) and a differentiable optimiser. Its
-buffers (BatchNorm running statistics) are cloned for each task, so the wrapped
-model's buffers never change.
-
-higher's own ``DifferentiableAdam`` follows an outdated formula and higher has no
-AdamW; fastmeta registers corrected versions (built on the same update rules as
-the vectorised engine) the first time this engine is used.
+Every task gets a functional copy of the model (``higher.monkeypatch`` with
+``copy_initial_weights=False``, so that the meta-gradient reaches the model itself),
+whose buffers (BatchNorm running statistics) are its own: the wrapped model's buffers
+never change. The inner steps apply fastmeta's update rule (the same one the vectorised
+engine runs) to the copy's fast weights. For the inner optimisers fastmeta has no rule
+for (``"adagrad"``, ``"rmsprop"``, ...), higher's differentiable optimiser takes the steps.
 """
 
 from __future__ import annotations
@@ -20,152 +17,151 @@ import higher.optim
 import torch
 from torch import Tensor, nn
 
-from .._inner_optim import adam_update
 from .._task import Task
 from ._base import (
+    Adaptation,
     Engine,
+    InnerContext,
     InnerLoop,
-    InnerLoopOutput,
     MetaGrad,
-    detach_all,
-    inner_loss,
+    MetaLosses,
+    OuterObjective,
+    Params,
     stack_dicts,
     support_batch,
 )
 from ._exact import exact_layers
 
 
-class DifferentiableAdam(higher.optim.DifferentiableOptimizer):
-    """Differentiable ``torch.optim.Adam`` that follows it step for step (unlike higher's)."""
+class _Steps:
+    """The inner steps of one task on a functional copy: fastmeta's rule or higher's."""
 
-    decoupled_weight_decay = False
+    def __init__(self, module: nn.Module, fmodel: Any, loop: InnerLoop, order: MetaGrad
+                 ) -> None:
+        self.names = [name for name, _ in module.named_parameters()]
+        named: dict[str, Tensor] = dict(module.named_parameters())
+        self.loop, self.order, self.fmodel = loop, order, fmodel
+        initial: Params = {n: named[n] for n in loop.adapted}
+        if order is MetaGrad.NONE:
+            initial = {n: p.detach().requires_grad_(True) for n, p in initial.items()}
+        self.initial = initial
+        self.fast: Params = dict(initial)
+        self.base = {n: (p if order is not MetaGrad.NONE else p.detach()) for n, p in
+                     named.items()}
+        self.diffopt = None
+        if loop.optimizer.functional:
+            self.rule = loop.optimizer.rule()
+            self.state = self.rule.init(self.fast)
+        else:  # higher's optimiser: one group per parameter, each with its rate
+            rates = loop.rates(0)
+            optimizer = loop.optimizer.build([{"params": [named[n]]} for n in loop.adapted],
+                                             lr=1.0)
+            self.diffopt = higher.optim.get_diff_optim(
+                optimizer, [named[n] for n in loop.adapted], fmodel=None,
+                track_higher_grads=order is not MetaGrad.NONE,
+                override={"lr": [rates[n] for n in loop.adapted]})
 
-    def _update(self, grouped_grads: list[list[Tensor | None]], **kwargs: Any) -> None:
-        for group_idx, (group, grads) in enumerate(zip(self.param_groups, grouped_grads)):
-            for p_idx, (param, grad) in enumerate(zip(group["params"], grads)):
-                if grad is None:
-                    continue
-                new_param, new_state = adam_update(
-                    param,
-                    grad,
-                    self.state[group_idx][p_idx],
-                    lr=group["lr"],
-                    betas=group["betas"],
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    amsgrad=group["amsgrad"],
-                    decoupled_weight_decay=self.decoupled_weight_decay,
-                )
-                self.state[group_idx][p_idx] = new_state
-                group["params"][p_idx] = new_param
+    def params(self, step: int) -> Params:
+        extra = self.loop.step_params(step) if self.loop.step_params is not None else {}
+        return {**self.base, **extra, **self.fast}
+
+    def forward(self, step: int, fast: Params, x: Tensor) -> Tensor:
+        extra = self.loop.step_params(step) if self.loop.step_params is not None else {}
+        state = {**self.base, **extra, **fast}
+        # update_params, not forward(params=...): higher's first call with params= leaves
+        # submodules that the parent reads directly (MultiheadAttention's out_proj) on
+        # their old weights.
+        self.fmodel.update_params([state[n] for n in self.names])
+        return self.fmodel(x)
+
+    def step(self, step: int, x: Tensor, y: Tensor | None) -> Tensor:
+        """One inner step; returns the detached objective before it."""
+        fast = self.fast
+        context = InnerContext(self.fmodel, lambda inputs: self.forward(step, fast, inputs),
+                               fast, self.initial, x, y, step)
+        loss = self.loop.objective(context)
+        adapted = [fast[n] for n in self.loop.adapted]
+        second = self.order is MetaGrad.SECOND_ORDER
+        if self.diffopt is not None:
+            callback = None if second else (lambda gs: [g.detach() for g in gs])
+            new = self.diffopt.step(loss, params=adapted, grad_callback=callback)
+            self.fast = dict(zip(self.loop.adapted, new))
+            return loss.detach()
+        grads = torch.autograd.grad(loss, adapted, create_graph=second, allow_unused=True)
+        grads_by_name = {n: torch.zeros_like(p) if g is None else (g if second else g.detach())
+                         for n, p, g in zip(self.loop.adapted, adapted, grads)}
+        self.fast, self.state = self.rule.update(fast, grads_by_name, self.state,
+                                                 self.loop.rates(step))
+        if self.order is MetaGrad.NONE:
+            self.fast = {n: p.detach().requires_grad_(True) for n, p in self.fast.items()}
+        return loss.detach()
 
 
-class DifferentiableAdamW(DifferentiableAdam):
-    """Differentiable ``torch.optim.AdamW`` (higher has none)."""
-
-    decoupled_weight_decay = True
-
-
-_registered = False
-
-
-def register_corrected_optimizers() -> None:
-    """Register fastmeta's Adam and AdamW with higher (idempotent)."""
-    global _registered
-    if not _registered:
-        higher.register_optim(torch.optim.Adam, DifferentiableAdam)
-        higher.register_optim(torch.optim.AdamW, DifferentiableAdamW)
-        _registered = True
+def _run_task(module: nn.Module, task: Task, loop: InnerLoop, index: int, order: MetaGrad,
+              outer: OuterObjective | None
+              ) -> tuple[Tensor | None, Tensor | None, Tensor, Params, Params]:
+    """Task ``index``: (meta-objective, query loss, support losses, params, buffers)."""
+    fmodel = higher.monkeypatch(module, copy_initial_weights=False,
+                                track_higher_grads=order is not MetaGrad.NONE)
+    steps = _Steps(module, fmodel, loop, order)
+    losses = []
+    weights = outer.weights(loop.steps) if outer is not None else ()
+    objective: Tensor | None = None
+    for step in range(loop.steps):
+        x, y = support_batch(task, loop, index, step)
+        losses.append(steps.step(step, x, y))
+        if outer is not None and weights[step] != 0 and step < loop.steps - 1:
+            step_loss = outer.loss_fn(steps.forward(step + 1, steps.fast, task.query_x[index]),
+                                      task.query_y[index])
+            objective = weights[step] * step_loss if objective is None else \
+                objective + weights[step] * step_loss
+    query_loss = None
+    if outer is not None:
+        query_loss = outer.loss_fn(steps.forward(loop.steps, steps.fast, task.query_x[index]),
+                                   task.query_y[index])
+        last = weights[-1] * query_loss
+        objective = last if objective is None else objective + last
+    support_losses = torch.stack(losses) if losses else torch.zeros(0)
+    params = steps.params(loop.steps)
+    if order is MetaGrad.NONE:
+        params = {n: p.detach() for n, p in params.items()}
+    buffers = {n: b.detach() for n, b in fmodel.named_buffers()}
+    return objective, query_loss, support_losses, params, buffers
 
 
 class HigherEngine(Engine):
-    """Runs inner loops with ``higher.innerloop_ctx``, one task at a time."""
+    """Runs inner loops on higher's functional copies, one task at a time."""
 
     name = "higher"
 
-    def __init__(self) -> None:
-        register_corrected_optimizers()
+    def adapt(self, module: nn.Module, task: Task, loop: InnerLoop, *,
+              order: MetaGrad = MetaGrad.NONE) -> Adaptation:
+        with exact_layers(module, vectorised=False,
+                          second_order=order is MetaGrad.SECOND_ORDER):
+            runs = [_run_task(module, task, loop, t, order, None) for t in range(task.num_tasks)]
+        return Adaptation(stack_dicts([r[3] for r in runs]), stack_dicts([r[4] for r in runs]),
+                          torch.stack([r[2] for r in runs]))
 
-    def run(
-        self,
-        module: nn.Module,
-        task: Task,
-        loop: InnerLoop,
-        meta_grad: MetaGrad,
-        *,
-        backward: bool = False,
-        keep_params: bool = False,
-        query: bool = True,
-    ) -> InnerLoopOutput:
-        named = dict(module.named_parameters())
-        adapted = [named[name] for name in loop.adapted]
-        track = meta_grad is not MetaGrad.NONE
-        if loop.lrs is None:
-            optimizer = loop.optimizer.build([{"params": adapted}], lr=loop.inner_lr)
-            override = None
-        else:  # one group per parameter, each with its learned rate
-            optimizer = loop.optimizer.build(
-                [{"params": [param]} for param in adapted], lr=loop.inner_lr
-            )
-            override = {"lr": [loop.lrs[name] for name in loop.adapted]}
-        grad_callback = detach_all if meta_grad is MetaGrad.FIRST_ORDER else None
+    def meta_loss(self, module: nn.Module, task: Task, loop: InnerLoop,
+                  outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
+        with exact_layers(module, vectorised=False,
+                          second_order=order is MetaGrad.SECOND_ORDER):
+            runs = [_run_task(module, task, loop, t, order, outer)
+                    for t in range(task.num_tasks)]
+        objectives = torch.stack([r[0] for r in runs])  # type: ignore[misc]
+        queries = torch.stack([r[1] for r in runs])  # type: ignore[misc]
+        return MetaLosses(queries.detach(), torch.stack([r[2] for r in runs]), objectives)
 
-        second_order = meta_grad is MetaGrad.SECOND_ORDER
-        with exact_layers(module, vectorised=False, second_order=second_order):
-            results = [
-                self._one_task(module, task, loop, index, optimizer, override, track,
-                               grad_callback, backward=backward, keep_params=keep_params,
-                               query=query)
-                for index in range(task.num_tasks)
-            ]
-        support_losses, query_losses, kept_params, kept_buffers = zip(*results)
-        return InnerLoopOutput(
-            query_losses=torch.stack(query_losses) if query else torch.zeros(0),
-            support_losses=torch.stack(support_losses),
-            params=stack_dicts(list(kept_params)) if keep_params else None,
-            buffers=stack_dicts(list(kept_buffers)) if keep_params else None,
-        )
-
-    @staticmethod
-    def _one_task(
-        module: nn.Module,
-        task: Task,
-        loop: InnerLoop,
-        index: int,
-        optimizer: torch.optim.Optimizer,
-        override: dict[str, list[Tensor]] | None,
-        track: bool,
-        grad_callback: Any,
-        *,
-        backward: bool,
-        keep_params: bool,
-        query: bool,
-    ) -> tuple[Tensor, Tensor | None, dict[str, Tensor], dict[str, Tensor]]:
-        """Support losses, query loss, adapted parameters and buffers of task ``index``."""
-        with higher.innerloop_ctx(
-            module,
-            optimizer,
-            copy_initial_weights=False,
-            override=override,
-            track_higher_grads=track,
-        ) as (fmodel, diffopt):
-            losses = []
-            for step in range(loop.steps):
-                x, y = support_batch(task, loop, index, step)
-                loss = inner_loss(loop, fmodel, fmodel, x, y)
-                losses.append(loss.detach())
-                diffopt.step(loss, grad_callback=grad_callback)
-            query_loss = None
-            if query:
-                with torch.set_grad_enabled(track):
-                    query_loss = loop.loss_fn(fmodel(task.query_x[index]), task.query_y[index])
-                if backward:
-                    (query_loss / task.num_tasks).backward()
-                    query_loss = query_loss.detach()
-            params: dict[str, Tensor] = {}
-            buffers: dict[str, Tensor] = {}
-            if keep_params:
-                names = [name for name, _ in module.named_parameters()]
-                params = {n: p.detach() for n, p in zip(names, fmodel.fast_params)}
-                buffers = {n: b.detach() for n, b in fmodel.named_buffers()}
-        return torch.stack(losses) if losses else torch.zeros(0), query_loss, params, buffers
+    def meta_gradient(self, module: nn.Module, task: Task, loop: InnerLoop,
+                      outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
+        """Task by task, each task's graph freed after its backward (memory of one task)."""
+        queries, supports = [], []
+        with exact_layers(module, vectorised=False,
+                          second_order=order is MetaGrad.SECOND_ORDER):
+            for t in range(task.num_tasks):
+                objective, query, support, _, _ = _run_task(module, task, loop, t, order, outer)
+                assert objective is not None and query is not None
+                (objective / task.num_tasks).backward()
+                queries.append(query.detach())
+                supports.append(support)
+        return MetaLosses(torch.stack(queries), torch.stack(supports))
