@@ -279,6 +279,23 @@ def test_bench_sine_under_torchrun_matches_one_process(tmp_path):
             assert a["mean"] == pytest.approx(b["mean"], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_bench_daml_under_torchrun_matches_one_process(tmp_path):
+    common = ["bench", "daml", "--iterations", "4", "--meta-batch-size", "6", "--eval-tasks",
+              "8", "--checkpoint-every", "2", "--no-plots", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "-m", "fastmeta"]
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([*torchrun, *common, "--out", str(tmp_path / "two")], check=True,
+                   timeout=300, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    one = json.loads((tmp_path / "one" / "results.json").read_text())["algorithms"]["daml"]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())["algorithms"]["daml"]
+    assert two["training"]["iterations"] == 4
+    assert one["evaluation"]["l1"]["mean"] == pytest.approx(two["evaluation"]["l1"]["mean"],
+                                                             rel=1e-4)
+
+
 def test_cli_bench_daml_writes_its_results(tmp_path, capsys):
     assert main(["bench", "daml", "--iterations", "3", "--eval-tasks", "4", "--quiet",
                  "--out", str(tmp_path)]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -127,6 +128,18 @@ def test_out_in_a_read_only_directory_is_refused_before_training(tmp_path):
             _sine(locked / "run", algorithms=("maml",))
     finally:
         locked.chmod(0o700)
+
+
+def test_an_unwritable_out_is_refused_before_training_even_as_root(tmp_path, monkeypatch):
+    import fastmeta.bench._outdir as outdir
+
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(outdir.tempfile, "mkstemp", refuse)  # the probe file
+    with pytest.raises(OutDirError, match=r"cannot write in '.*run' \(Permission denied\); "
+                       r"choose a directory you can write"):
+        _sine(tmp_path / "run", algorithms=("maml",))
 
 
 def test_a_live_lock_is_refused_naming_its_holder_and_a_dead_ones_is_taken_over(tmp_path):
