@@ -285,6 +285,13 @@ def test_resume_over_a_bad_checkpoint_is_refused_before_training(case, maml_run,
     assert not (out / "checkpoints" / "fomaml.pt").exists()
 
 
+def test_eval_of_a_run_directory_lists_its_checkpoints(maml_run, capsys):
+    assert main(["eval", str(maml_run)]) == 1
+    err = capsys.readouterr().err
+    assert f"checkpoint {str(maml_run)!r} is a directory; pass one of its checkpoint files " \
+        f"({maml_run / 'checkpoints' / 'maml.pt'})" in err
+
+
 def test_eval_of_a_partial_checkpoint_says_how_far_it_trained(tmp_path, capsys):
     with pytest.raises(Interrupted, match="stopped after meta-iteration 5 of 12"):
         run_sine(SineConfig(**{**TINY, "algorithms": ("maml",)}), tmp_path, progress=False,

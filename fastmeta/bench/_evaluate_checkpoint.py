@@ -80,7 +80,10 @@ def evaluate_checkpoint(
             )
         settings[bench.eval_options[option]] = list(value) if isinstance(value, tuple) else value
     settings["algorithms"] = [algorithm]
-    config = bench.config.from_dict(settings)
+    try:
+        config = bench.config.from_dict(settings)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: cannot evaluate with these settings: {error}") from None
     evaluation = bench.evaluate(learner, algorithm, config)
     text = bench.eval_text(algorithm, evaluation, config)
     done, total = _progress(payload)

@@ -127,6 +127,8 @@ def _alive(pid: int) -> bool:
 
 
 def _describe(holder: dict[str, Any]) -> str:
+    if "pid" not in holder:
+        return "a run whose lock file is empty or unreadable (it may be starting)"
     return (
         f"pid {holder.get('pid')} on host {holder.get('host')!r}, started "
         f"{holder.get('started')} ({holder.get('command', '?')})"

@@ -93,7 +93,13 @@ def _check_checkpoints(benchmark: Benchmark, config: BenchConfig, runs: list[Tra
                 f"--resume: {str(path)!r} is from `fastmeta bench "
                 f"{payload['spec']['benchmark']}`, not {benchmark.name}; use another --out"
             )
-        saved = benchmark.config.from_dict(payload.get("metadata", {}).get("config", {}))
+        try:
+            saved = benchmark.config.from_dict(payload["metadata"]["config"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(
+                f"--resume: {str(path)!r} has no readable configuration ({error}); the file "
+                f"is damaged or from another version: move it away, or use a new --out"
+            ) from None
         details = describe_differences(saved.shared_dict(), config.shared_dict())
         if details:
             raise CheckpointError(
