@@ -45,7 +45,8 @@ def main() -> None:
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
     start = 0
     if args.resume:  # every rank loads the checkpoint: weights and optimiser state
-        state = torch.load(args.checkpoint, map_location=device)
+        # weights_only=True: tensors and plain data only, never code from the file
+        state = torch.load(args.checkpoint, map_location=device, weights_only=True)
         learner.load_state_dict(state["learner"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["iteration"]

@@ -235,26 +235,42 @@ def test_unlabelled_query_set_is_still_an_error():
 # ---------------------------------------------------------------- the experiment
 
 
-def test_run_daml_writes_results_and_reports_progress(tmp_path):
-    from fastmeta.bench.daml import run_daml
+def test_run_daml_writes_results_and_a_checkpoint(tmp_path):
+    from fastmeta.bench.daml import DamlConfig, run_daml
 
-    calls = []
-    results = run_daml(tmp_path, iterations=4, eval_tasks=20,
-                       progress=lambda i, n, loss: calls.append((i, n, loss)))
-    assert [c[:2] for c in calls] == [(i, 4) for i in range(1, 5)]
+    config = DamlConfig(iterations=4, eval_tasks=20, checkpoint_every=2)
+    results = run_daml(config, tmp_path, progress=False, log=lambda _: None)
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["config"]["iterations"] == 4 and saved["evaluation"]["tasks"] == 20
-    assert saved["evaluation"]["l1"]["mean"] == pytest.approx(results["evaluation"]["l1"]["mean"])
+    entry = saved["algorithms"]["daml"]
+    assert saved["config"]["iterations"] == 4 and entry["evaluation"]["tasks"] == 20
+    assert entry["evaluation"]["l1"]["mean"] == pytest.approx(
+        results["algorithms"]["daml"]["evaluation"]["l1"]["mean"])
     assert {"torch", "fastmeta", "python"} <= set(saved["versions"])
-    assert saved["training"]["seconds"] > 0
+    assert entry["training"]["seconds"] > 0 and entry["training"]["iterations"] == 4
     assert "| mean L1 on the grid, after adaptation |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "daml_sine.png").stat().st_size > 10_000
+    assert (tmp_path / "checkpoints" / "daml.pt").is_file()
 
 
-def test_run_daml_validates_its_arguments(tmp_path):
-    from fastmeta.bench.daml import run_daml
+def test_daml_batches_are_the_loaders_batches_as_a_pure_function_of_the_iteration():
+    from fastmeta.bench import daml
+    from fastmeta.data import BatchMetaDataLoader
 
-    with pytest.raises(ValueError, match="iterations must be an int >= 1, got 0"):
-        run_daml(tmp_path, iterations=0)
-    with pytest.raises(ValueError, match="eval_tasks must be an int >= 1, got 0"):
-        run_daml(tmp_path, iterations=1, eval_tasks=0)
+    config = daml.DamlConfig(meta_batch_size=7)
+    tasks = fastmeta.data.DomainShiftSinusoid(1, 4, num_tasks=daml.NUM_TRAINING_TASKS, seed=0)
+    loader = BatchMetaDataLoader(tasks, batch_size=7, shuffle=True)
+    expected = [b for b, _ in zip(loader, range(5), strict=False)]
+    batch = daml.training_batches(config)
+    for i in (4, 0, 2):  # any order: what a resumed run asks for
+        got = batch(i)
+        assert torch.equal(got["train"][0], expected[i]["train"][0])
+        assert torch.equal(got["test"][1], expected[i]["test"][1])
+
+
+def test_daml_config_errors_name_the_setting():
+    from fastmeta.bench.daml import DamlConfig
+
+    with pytest.raises(ValueError, match="iterations must be >= 1, got 0"):
+        DamlConfig(iterations=0)
+    with pytest.raises(ValueError, match="eval-tasks must be >= 1, got 0"):
+        DamlConfig(eval_tasks=0)

@@ -14,6 +14,7 @@ from fastmeta.data import (
     ClassSplitter,
     FewShotDataset,
     FewShotImageFolder,
+    ImageFolderDataset,
     MetaDataLoader,
     Rotation,
 )
@@ -180,6 +181,44 @@ def test_image_folder_without_images(tmp_path: Path) -> None:
     (tmp_path / "empty_class").mkdir()
     with pytest.raises(ValueError, match="no .png images found under"):
         FewShotImageFolder(tmp_path, 2, meta_split="train")
+
+
+def test_image_folder_refuses_an_empty_class_folder_instead_of_shifting_classes(
+    tmp_path: Path,
+) -> None:
+    _write_images(tmp_path, {"a/x": 3, "b/z": 3, "c": 3})
+    (tmp_path / "a" / "y").mkdir()  # an empty character folder between x and z
+    with pytest.raises(ValueError, match=r"class folder '.*a/y' holds no .png images"):
+        ImageFolderDataset(tmp_path)
+    (tmp_path / "a" / "y").rmdir()
+    (tmp_path / "b2").mkdir()  # an empty class of the flat layout
+    with pytest.raises(ValueError, match=r"class folder '.*b2' holds no .png images"):
+        FewShotImageFolder(tmp_path, 2, meta_split="train")
+
+
+def _corrupt_folder(root: Path) -> Path:
+    _write_images(root, {"a": 3, "b": 3})
+    bad = root / "b" / "01.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated: the header survives, the pixels do not
+    return bad
+
+
+def test_image_folder_names_a_corrupt_image_when_it_is_read(tmp_path: Path) -> None:
+    bad = _corrupt_folder(tmp_path)
+    images = ImageFolderDataset(tmp_path)  # lazy: construction does not decode
+    index = [str(path) for path, _ in images.samples].index(str(bad))
+    with pytest.raises(OSError, match=r"cannot read image '.*b/01.png' \(class 'b'\)"):
+        images[index]
+
+
+def test_image_folder_verify_decodes_every_image_at_construction(tmp_path: Path) -> None:
+    _corrupt_folder(tmp_path)
+    with pytest.raises(OSError, match=r"cannot read image '.*b/01.png'.*verify=True"):
+        ImageFolderDataset(tmp_path, verify=True)
+    with pytest.raises(OSError, match=r"cannot read image '.*b/01.png'"):
+        FewShotImageFolder(tmp_path, 2, meta_split="train", verify=True)
+    (tmp_path / "b" / "01.png").unlink()
+    assert len(ImageFolderDataset(tmp_path, verify=True)) == 5
 
 
 def test_more_ways_than_classes_in_split() -> None:

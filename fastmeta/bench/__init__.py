@@ -1,23 +1,44 @@
-"""The benchmarks behind ``fastmeta bench``: training, checkpoints, evaluation, figures.
+"""The benchmarks behind ``fastmeta bench``: one protocol, one runner, one registry.
 
 Example:
-    >>> from fastmeta.bench.sine import SineConfig, run_sine
-    >>> results = run_sine(SineConfig(iterations=2000, eval_tasks=200), Path("out"))
+    >>> from fastmeta.bench import benchmark, run_benchmark
+    >>> sine = benchmark("sine")
+    >>> results = run_benchmark(sine, sine.config(iterations=2000, eval_tasks=200), Path("out"))
 """
 
 from __future__ import annotations
 
-from ._checkpoint import load_checkpoint, save_checkpoint
+from ._checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ._config import BenchConfig, setting
+from ._evaluate_checkpoint import evaluate_checkpoint
+from ._outdir import OutDirError, RunLock, RunLocked
 from ._progress import Progress
+from ._protocol import Benchmark, Outcome, RunPlan, benchmark, names
+from ._runner import run_benchmark
+from ._signals import Interrupted, StopFlag, stop_on_signals
 from ._stats import summarize
-from ._train import Interrupted, StopFlag, TrainingDiverged
+from ._train import TrainingDiverged
 
 __all__ = [
+    "BenchConfig",
+    "Benchmark",
+    "CheckpointError",
     "Interrupted",
+    "OutDirError",
+    "Outcome",
     "Progress",
+    "RunLock",
+    "RunLocked",
+    "RunPlan",
     "StopFlag",
     "TrainingDiverged",
+    "benchmark",
+    "evaluate_checkpoint",
     "load_checkpoint",
+    "names",
+    "run_benchmark",
     "save_checkpoint",
+    "setting",
+    "stop_on_signals",
     "summarize",
 ]

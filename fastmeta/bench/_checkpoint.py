@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +14,47 @@ import torch
 FORMAT = "fastmeta.checkpoint"
 FORMAT_VERSION = 1
 
+# Entries every learner checkpoint holds, with what each is for (named in errors).
+REQUIRED = {
+    "spec": "how to rebuild the learner",
+    "state_dict": "the learner's weights",
+    "iteration": "how far it trained",
+}
+
+NOT_A_CHECKPOINT = (
+    "{path!r} is not a fastmeta checkpoint: {why}. Pass a file from OUT/checkpoints/ of a "
+    "`fastmeta bench` run"
+)
+UNSAFE = (
+    ". fastmeta reads checkpoints with torch.load(weights_only=True), which loads tensors "
+    "and plain data only: this file holds more, and unpickling it could run code, so load "
+    "it only if you trust where it came from"
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used: foreign, corrupt, inconsistent or mismatched."""
+
+
+def temporary_prefix(path: Path) -> str:
+    """Prefix of the temporary files that :func:`save_checkpoint` writes beside ``path``."""
+    return path.name + "."
+
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` to ``path`` atomically: a crash leaves the previous file intact.
 
     The payload is written to a temporary file in the same directory, flushed to disk and
-    renamed over ``path`` (an atomic replace on POSIX and Windows).
+    renamed over ``path`` (an atomic replace on POSIX and Windows). A process killed
+    mid-write leaves ``<name>.<random>.tmp``, which the next run into the same output
+    directory removes.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
-    handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(
+        prefix=temporary_prefix(path), suffix=".tmp", dir=path.parent
+    )
     try:
         with os.fdopen(handle, "wb") as file:
             torch.save(payload, file)
@@ -39,9 +71,18 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not a fastmeta checkpoint, or from a newer format.
+        CheckpointError: the file is not a fastmeta checkpoint (foreign, corrupt,
+            truncated, or holding objects other than tensors and plain data), or is from
+            a newer format. The message never advises ``weights_only=False``.
     """
     path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("*.pt")) or sorted((path / "checkpoints").glob("*.pt"))
+        files = ", ".join(str(p) for p in found[:4]) or "none found there"
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is a directory; pass one of its checkpoint files "
+            f"({files})"
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {str(path)!r} does not exist; `fastmeta bench` writes them to "
@@ -49,19 +90,60 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
         )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for a foreign or corrupt file
-        raise ValueError(
-            f"{str(path)!r} is not a readable fastmeta checkpoint ({type(error).__name__}: "
-            f"{error})"
-        ) from error
+    except pickle.UnpicklingError:
+        with path.open("rb") as file:
+            zipped = file.read(4) == b"PK\x03\x04"  # torch.save's zip container
+        if zipped:
+            raise CheckpointError(NOT_A_CHECKPOINT.format(
+                path=str(path), why="it holds Python objects other than tensors and plain data"
+            ) + UNSAFE) from None
+        raise CheckpointError(NOT_A_CHECKPOINT.format(
+            path=str(path), why="it is not a file that torch.save wrote"
+        )) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(NOT_A_CHECKPOINT.format(
+            path=str(path), why=f"it is truncated, corrupt or another format ({reason})"
+        )) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(
-            f"{str(path)!r} is not a fastmeta checkpoint (no format={FORMAT!r} entry); "
-            f"pass a file from OUT/checkpoints/ of a `fastmeta bench` run"
-        )
-    if int(payload.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(
-            f"{str(path)!r} has checkpoint format {payload['format_version']}, newer than this "
-            f"fastmeta reads ({FORMAT_VERSION}); upgrade fastmeta"
+        raise CheckpointError(NOT_A_CHECKPOINT.format(
+            path=str(path), why=f"it has no format={FORMAT!r} entry"
+        ))
+    version = payload.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{str(path)!r} has checkpoint format {version!r}, newer than this fastmeta reads "
+            f"({FORMAT_VERSION}); upgrade fastmeta"
         )
     return payload
+
+
+def check_learner_payload(path: Path | str, payload: dict[str, Any]) -> None:
+    """Check that a learner checkpoint holds what rebuilding and resuming it needs.
+
+    Raises:
+        CheckpointError: an entry is missing or malformed, or the spec names another
+            algorithm than the checkpoint (a relabelled file).
+    """
+    for key, purpose in REQUIRED.items():
+        if key not in payload:
+            raise CheckpointError(
+                f"{str(path)!r} lacks its {key!r} entry ({purpose}); the file is damaged or "
+                f"was edited. Retrain it: delete it and run `fastmeta bench ... --resume`"
+            )
+    spec = payload["spec"]
+    missing = [k for k in ("benchmark", "algorithm", "model", "learner")
+               if not isinstance(spec, dict) or k not in spec]
+    if missing:
+        raise CheckpointError(
+            f"{str(path)!r}: its spec lacks {', '.join(missing)}; the file is damaged or was "
+            f"edited. Retrain it: delete it and run `fastmeta bench ... --resume`"
+        )
+    algorithm = payload.get("algorithm", spec["algorithm"])  # format 1 wrote the run's name
+    run = payload.get("run", algorithm)
+    if algorithm != spec["algorithm"] and not str(run).startswith(f"{spec['algorithm']}-"):
+        raise CheckpointError(
+            f"{str(path)!r} is labelled {algorithm!r} but its spec builds "
+            f"{spec['algorithm']!r}; the file was edited or renamed. Retrain it: delete it "
+            f"and run `fastmeta bench ... --resume`"
+        )

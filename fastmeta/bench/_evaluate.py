@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .._learner import AdaptedTasks, MetaLearner
 from .._task import Task
-from ._stats import summarize
+from ._stats import format_cell, summarize
 
 Metric = Callable[[Tensor, Tensor], Tensor]  # (prediction [T, n, ...], target) -> [T]
 
@@ -58,3 +58,16 @@ def fine_tuning_curve(
     """
     summaries = [summarize(per_task(learner, batch, s, metric)) for s in range(steps + 1)]
     return {"steps": list(range(steps + 1)), "summaries": summaries}
+
+
+def curve_table(algorithm: str, label: str, by_setting: dict[str, dict[str, Any]]) -> str:
+    """Printable table of fine-tuning curves: one block per setting, one line per step."""
+    lines = []
+    for setting, curve in by_setting.items():
+        lines += [f"{algorithm}, {setting}: {label} after each fine-tuning step"]
+        for step, summary in zip(curve["steps"], curve["summaries"], strict=True):
+            median = summary["median"]
+            lines.append(
+                f"  {step:>3} steps  {format_cell(summary, digits=4):<28} median {median:.4f}"
+            )
+    return "\n".join(lines)

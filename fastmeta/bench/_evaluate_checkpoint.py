@@ -4,40 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from ._config import BenchConfig
-from ._plots import curves
+from ._checkpoint import CheckpointError
+from ._protocol import benchmark as find_benchmark
+from ._protocol import names
 from ._registry import load_learner
-from ._stats import format_cell
 
 
-def _table(algorithm: str, label: str, by_setting: dict[str, dict[str, Any]]) -> str:
-    lines = []
-    for setting, curve in by_setting.items():
-        lines += [f"{algorithm}, {setting}: {label} after each fine-tuning step"]
-        for step, summary in zip(curve["steps"], curve["summaries"], strict=True):
-            median = summary["median"]
-            lines.append(
-                f"  {step:>3} steps  {format_cell(summary, digits=4):<28} median {median:.4f}"
-            )
-    return "\n".join(lines)
-
-
-C = TypeVar("C", bound=BenchConfig)
-
-
-def _override(
-    config_class: type[C], payload: dict[str, Any], algorithm: str, overrides: dict[str, Any]
-) -> C:
-    """The run's configuration from the checkpoint, with the given settings replaced."""
-    values = {
-        **payload["metadata"]["config"],
-        **{k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()
-           if v is not None},
-        "algorithms": [algorithm],
-    }
-    return config_class.from_dict(values)
+def _progress(payload: dict[str, Any]) -> tuple[int, int]:
+    """Meta-iterations done and planned (checkpoints before ``iterations`` was saved: from
+    their ``complete`` flag and configuration)."""
+    done = int(payload.get("iteration", 0))
+    total = payload.get("iterations")
+    if total is None:
+        complete = payload.get("complete", True)
+        total = done if complete else payload["metadata"]["config"]["iterations"]
+    return done, int(total)
 
 
 def evaluate_checkpoint(
@@ -51,59 +34,81 @@ def evaluate_checkpoint(
     """Fine-tune the learner saved at ``path`` on held-out tasks and summarise the results.
 
     Without overrides this evaluates exactly as the ``fastmeta bench`` run that wrote the
-    checkpoint did (same tasks, same settings), so it reproduces that run's numbers.
+    checkpoint did (same tasks, same settings), so it reproduces that run's numbers. The
+    benchmark is found in the checkpoint's spec, through the same registry as ``fastmeta
+    bench``.
 
     Args:
         path: a checkpoint from ``OUT/checkpoints/``.
         shots: support points (regression) or images per class (classification).
-        steps: fine-tuning steps, evaluated after 0 through ``steps``.
+        steps: fine-tuning steps (evaluated after 0 through ``steps``, where the benchmark
+            reports curves).
         tasks: number of held-out tasks.
         plot_dir: also write figures there.
 
     Returns:
-        ``{"results": {setting: fine_tuning_curve}, "text": printable table, "figures": [...]}``.
+        ``{"benchmark", "algorithm", "checkpoint", "iteration", "iterations", "complete",
+        "evaluation", "text", "figures"}``: ``evaluation`` has the layout of the
+        algorithm's ``evaluation`` in ``results.json``; ``text`` is the printable table,
+        which starts with a note if the checkpoint is partial (training was interrupted).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: ``path`` is not a usable checkpoint.
+        ValueError: an override this benchmark does not take.
     """
+    path = Path(path)
     learner, payload = load_learner(path)
     spec = payload["spec"]
-    benchmark = spec.get("benchmark")
+    if spec["benchmark"] not in names():
+        raise CheckpointError(
+            f"{str(path)!r}: its spec names the benchmark {spec['benchmark']!r}, which this "
+            f"fastmeta does not have (it has {', '.join(names())}); upgrade fastmeta"
+        )
+    bench = find_benchmark(spec["benchmark"])
     algorithm = spec["algorithm"]
-    if benchmark == "sine":
-        from . import sine
-
-        sine_config = _override(sine.SineConfig, payload, algorithm, {
-            "eval_shots": shots, "eval_steps": steps, "eval_tasks": tasks})
-        evaluation = sine.evaluate_learner(learner, sine_config)
-        results = {f"K={k}": evaluation["curves"][str(k)] for k in sine_config.eval_shots}
-        label = "query MSE"
-        ylabel = f"{label}, median over tasks"
-        title = f"{algorithm}: fine-tuning on {sine_config.eval_tasks} held-out tasks"
-        options = {"log": True, "median": True}
-
-        def more_figures(directory: Path) -> list[Path]:
-            return [sine.fit_figure({algorithm: learner}, sine_config, directory,
-                                    name=f"eval_{algorithm}_fits.png")]
-    elif benchmark == "digits":
-        from . import digits
-
-        digits_config = _override(digits.DigitsConfig, payload, algorithm, {
-            "shots": shots, "eval_steps": steps, "eval_tasks": tasks})
-        results = digits.evaluate_learner(learner, algorithm, digits_config)
-        label = ylabel = "query accuracy"
-        title = f"{algorithm}: fine-tuning on held-out classes"
-        options = {}
-
-        def more_figures(directory: Path) -> list[Path]:
-            return []
-    else:
-        raise ValueError(f"{path}: unknown benchmark {benchmark!r} in the checkpoint's spec")
+    overrides = {"shots": tuple(shots) if shots is not None else None, "steps": steps,
+                 "tasks": tasks}
+    settings = dict(payload.get("metadata", {}).get("config", {}))
+    for option, value in overrides.items():
+        if value is None:
+            continue
+        if option not in bench.eval_options:
+            raise ValueError(
+                f"--{option} does not apply to `bench {bench.name}` checkpoints; it takes "
+                f"{', '.join('--' + o for o in bench.eval_options) or 'no overrides'}"
+            )
+        settings[bench.eval_options[option]] = list(value) if isinstance(value, tuple) else value
+    settings["algorithms"] = [algorithm]
+    try:
+        config = bench.config.from_dict(settings)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: cannot evaluate with these settings: {error}") from None
+    evaluation = bench.evaluate(learner, algorithm, config)
+    text = bench.eval_text(algorithm, evaluation, config)
+    done, total = _progress(payload)
+    complete = done >= total
+    if not complete:
+        text = (
+            f"note: {path} is a partial checkpoint: {algorithm} trained {done:,} of "
+            f"{total:,} meta-iterations (the run was interrupted); continue it with "
+            f"`fastmeta bench {bench.name} --resume --out OUT` using the run's settings\n"
+            + text
+        )
     figures: list[str] = []
     if plot_dir is not None:
         plot_dir.mkdir(parents=True, exist_ok=True)
-        panels = {key: {algorithm: value} for key, value in results.items()}
-        path_out = plot_dir / f"eval_{algorithm}_curves.png"
-        figures.append(str(curves(panels, path_out, ylabel=ylabel, title=title, **options)))
-        figures += [str(figure) for figure in more_figures(plot_dir)]
-    text = _table(algorithm, label, results)
-    if figures:
+        figures = [str(p) for p in bench.eval_figures(learner, algorithm, evaluation, config,
+                                                        plot_dir)]
         text += "\nwrote " + ", ".join(figures)
-    return {"results": results, "text": text, "figures": figures}
+    return {
+        "benchmark": bench.name,
+        "algorithm": algorithm,
+        "checkpoint": str(path),
+        "iteration": done,
+        "iterations": total,
+        "complete": complete,
+        "evaluation": evaluation,
+        "text": text,
+        "figures": figures,
+    }

@@ -1,4 +1,15 @@
-"""Rebuilding learners from plain data: what a checkpoint's ``spec`` means."""
+"""Rebuilding learners from plain data: what a checkpoint's ``spec`` means.
+
+A spec is JSON-ready data::
+
+    {"benchmark": "sine", "algorithm": "maml",
+     "model": {"class": "SineMLP", "kwargs": {...}},
+     "learner": {"inner_lr": 0.01, ...},            # keyword arguments of the learner
+     "modules": {"adaptation_loss": {"class": ..., "kwargs": {...}}}}   # optional
+
+Learners are looked up by name in :data:`ALGORITHMS` and modules in :data:`MODELS`, so no
+benchmark chooses a class by an if-chain.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +21,18 @@ from torch import nn
 
 from .. import models
 from .._learner import MetaLearner
-from ..algorithms import ANIL, FOMAML, MAML, JointTraining, MetaSGD, Reptile
-from ._checkpoint import load_checkpoint
+from ..algorithms import ANIL, DAML, FOMAML, MAML, JointTraining, MetaSGD, Reptile
+from ._checkpoint import CheckpointError, check_learner_payload, load_checkpoint
+from ._daml_loss import SeedLossNetwork
 
-# Benchmark names of the learners; "transfer" and "random" are the two baselines.
+# Benchmark names of the learners; "transfer", "random" and "finetune" are baselines.
 ALGORITHMS: dict[str, type[MetaLearner]] = {
     "maml": MAML,
     "fomaml": FOMAML,
     "reptile": Reptile,
     "metasgd": MetaSGD,
     "anil": ANIL,
+    "daml": DAML,
     "transfer": JointTraining,
     "random": JointTraining,
     "finetune": JointTraining,  # digits: an ordinary classifier, fine-tuned with a new head
@@ -29,6 +42,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "SineMLP": models.SineMLP,
     "Conv4": models.Conv4,
     "ResNet12": models.ResNet12,
+    "SeedLossNetwork": SeedLossNetwork,
 }
 
 
@@ -49,35 +63,75 @@ def parse_algorithms(
     return names
 
 
+def _tuples(values: dict[str, Any]) -> dict[str, Any]:
+    """JSON lists back to the tuples the constructors document."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def _module(module_spec: dict[str, Any]) -> nn.Module:
+    if module_spec["class"] not in MODELS:
+        raise ValueError(
+            f"unknown model class {module_spec['class']!r}; known: {list(MODELS)}"
+        )
+    return MODELS[module_spec["class"]](**_tuples(module_spec.get("kwargs", {})))
+
+
 def build_model(spec: dict[str, Any], *, seed: int | None = None) -> nn.Module:
     """The model named by ``spec["model"]`` (``{"class": ..., "kwargs": {...}}``).
 
     With ``seed``, the initial weights are drawn from ``torch.manual_seed(seed)``: every
     algorithm of a benchmark then starts from the same weights.
     """
-    model_spec = spec["model"]
-    if model_spec["class"] not in MODELS:
-        raise ValueError(f"unknown model class {model_spec['class']!r}; known: {list(MODELS)}")
     if seed is not None:
         torch.manual_seed(seed)
-    kwargs = dict(model_spec.get("kwargs", {}))
-    if isinstance(kwargs.get("hidden"), list):
-        kwargs["hidden"] = tuple(kwargs["hidden"])
-    return MODELS[model_spec["class"]](**kwargs)
+    return _module(spec["model"])
 
 
 def build_learner(spec: dict[str, Any], *, seed: int | None = None) -> MetaLearner:
-    """The learner named by ``spec["algorithm"]`` with ``spec["learner"]`` keyword arguments."""
+    """The learner named by ``spec["algorithm"]`` with ``spec["learner"]`` keyword arguments.
+
+    The modules of ``spec["modules"]`` (such as DAML's ``adaptation_loss``) are built after
+    the model, from the same random stream, and passed as keyword arguments.
+    """
     algorithm = spec["algorithm"]
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; known: {list(ALGORITHMS)}")
-    return ALGORITHMS[algorithm](build_model(spec, seed=seed), **spec["learner"])
+    model = build_model(spec, seed=seed)
+    kwargs: dict[str, Any] = _tuples(spec["learner"])
+    kwargs.update({name: _module(module) for name, module in spec.get("modules", {}).items()})
+    return ALGORITHMS[algorithm](model, **kwargs)
+
+
+def load_state(learner: MetaLearner, payload: dict[str, Any], path: Path | str) -> None:
+    """Load a checkpoint's weights into ``learner``, or say why they do not fit."""
+    try:
+        learner.load_state_dict(payload["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as error:
+        details = "; ".join(line.strip() for line in str(error).splitlines()[1:4] if line.strip())
+        raise CheckpointError(
+            f"{str(path)!r}: its weights do not fit the {payload['spec']['algorithm']!r} "
+            f"learner its spec describes ({details or error}); the file was edited or written "
+            f"by another fastmeta. Retrain it: delete it and run `fastmeta bench ... --resume`"
+        ) from None
 
 
 def load_learner(path: Path | str) -> tuple[MetaLearner, dict[str, Any]]:
-    """The learner saved in a ``fastmeta bench`` checkpoint, with the checkpoint's contents."""
+    """The learner saved in a ``fastmeta bench`` checkpoint, with the checkpoint's contents.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: not a fastmeta checkpoint, or one whose entries do not agree
+            (missing spec, a spec naming another algorithm, weights of another shape).
+    """
     payload = load_checkpoint(path)
-    learner = build_learner(payload["spec"])
-    learner.load_state_dict(payload["state_dict"])
+    check_learner_payload(path, payload)
+    try:
+        learner = build_learner(payload["spec"])
+    except (ValueError, TypeError, KeyError) as error:
+        raise CheckpointError(
+            f"{str(path)!r}: its spec does not describe a learner this fastmeta builds "
+            f"({error}); upgrade fastmeta, or retrain it"
+        ) from None
+    load_state(learner, payload, path)
     learner.meta_steps_taken = int(payload.get("iteration", 0))
     return learner, payload

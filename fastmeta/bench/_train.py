@@ -1,15 +1,12 @@
-"""The benchmark's meta-training loop: checkpoints, resume, progress, divergence, interrupts."""
+"""The benchmark's meta-training loop: checkpoints, resume, progress, divergence, signals."""
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
@@ -18,43 +15,14 @@ import torch.distributed as dist
 from .. import __version__
 from .. import distributed as fmd
 from .._learner import DivergenceError, MetaLearner
-from ._checkpoint import load_checkpoint, save_checkpoint
+from ._checkpoint import CheckpointError, check_learner_payload, load_checkpoint, save_checkpoint
 from ._progress import Progress
+from ._registry import load_state
+from ._signals import Interrupted, StopFlag, signal_name
 
 
 class TrainingDiverged(RuntimeError):
     """Meta-training stopped on a non-finite loss; the last good checkpoint is kept."""
-
-
-class Interrupted(RuntimeError):
-    """Meta-training stopped on request (Ctrl-C); a checkpoint of the last step was written."""
-
-
-class StopFlag:
-    """Set by Ctrl-C (see :func:`stop_on_sigint`); checked between meta-iterations."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-
-@contextlib.contextmanager
-def stop_on_sigint(flag: StopFlag) -> Iterator[StopFlag]:
-    """First Ctrl-C asks the loop to stop after the current step; a second one aborts."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        if flag.requested:
-            raise KeyboardInterrupt
-        flag.requested = True
-
-    try:
-        previous = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield flag
-        return
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass
@@ -87,7 +55,7 @@ class TrainingRun:
     """One learner to meta-train.
 
     Attributes:
-        name: the algorithm's benchmark name (``"maml"``...).
+        name: the run's name, also its checkpoint's stem (``"maml"``, ``"maml-5shot"``).
         learner: the learner, freshly built (weights are replaced on resume).
         optimizer: its outer optimiser.
         iterations: meta-iterations to run in total.
@@ -95,9 +63,12 @@ class TrainingRun:
             pure function of ``i`` so that a resumed run sees the same tasks.
         checkpoint: where the checkpoint lives.
         spec: how to rebuild the learner (see ``_registry.build_learner``).
-        config: the benchmark's configuration; resuming checks it is unchanged.
+        config: the settings that determine this training; resuming checks they are
+            unchanged.
         metadata: saved with the checkpoint, not checked on resume (e.g. the evaluation
             settings that ``fastmeta eval`` uses).
+        schedule: a learning-rate scheduler of ``optimizer``, stepped after every
+            meta-iteration and checkpointed, or ``None``.
     """
 
     name: str
@@ -109,6 +80,7 @@ class TrainingRun:
     spec: dict[str, Any]
     config: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)
+    schedule: torch.optim.lr_scheduler.LRScheduler | None = None
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -117,16 +89,27 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     return [key for key in keys if saved.get(key) != current.get(key)]
 
 
+def describe_differences(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """``"seed: 0 -> 1, inner_lr: 0.01 -> 0.02"`` (empty if equal)."""
+    return ", ".join(
+        f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+        for key in config_differences(saved, current)
+    )
+
+
 def _payload(run: TrainingRun, record: TrainingRecord) -> dict[str, Any]:
     return {
         "kind": "learner",
-        "algorithm": run.name,
+        "algorithm": run.spec.get("algorithm", run.name),
+        "run": run.name,
         "spec": run.spec,
         "config": run.config,
         "metadata": run.metadata,
         "state_dict": run.learner.state_dict(),
         "optimizer": run.optimizer.state_dict(),
+        "schedule": run.schedule.state_dict() if run.schedule is not None else None,
         "iteration": record.iterations,
+        "iterations": run.iterations,
         "complete": record.iterations >= run.iterations,
         "record": asdict(record),
         "torch_rng": torch.get_rng_state(),
@@ -134,30 +117,62 @@ def _payload(run: TrainingRun, record: TrainingRecord) -> dict[str, Any]:
     }
 
 
+def check_resumable(run: TrainingRun, payload: dict[str, Any]) -> None:
+    """Check that ``payload`` (read from ``run.checkpoint``) continues exactly this run.
+
+    Raises:
+        CheckpointError: the checkpoint is damaged, or belongs to another algorithm, learner
+            or configuration; the message names the file, what differs and the fix.
+    """
+    path = run.checkpoint
+    check_learner_payload(path, payload)
+    saved_run = payload.get("run", payload.get("algorithm"))
+    if saved_run != run.name:
+        raise CheckpointError(
+            f"{str(path)!r} holds the run {saved_run!r}, not {run.name!r}; the file was "
+            f"renamed or copied. Move it away, or use a new --out directory"
+        )
+    details = describe_differences(payload.get("config", {}), run.config)
+    if details:
+        raise CheckpointError(
+            f"--resume: {str(path)!r} was written with a different configuration ({details}); "
+            f"rerun with the original settings, or use a new --out directory"
+        )
+    if payload["spec"] != run.spec:
+        raise CheckpointError(
+            f"--resume: {str(path)!r} was written for another learner "
+            f"({describe_differences(payload['spec'], run.spec) or 'spec differs'}); rerun with "
+            f"the original settings, or use a new --out directory"
+        )
+    for key in ("optimizer", "record", "torch_rng"):
+        if key not in payload:
+            raise CheckpointError(
+                f"{str(path)!r} lacks its {key!r} entry, needed to resume; delete it to retrain "
+                f"{run.name} from the start"
+            )
+
+
 def restore(run: TrainingRun) -> TrainingRecord:
     """Load ``run.checkpoint`` into the run's learner and optimiser; return its record.
 
     Raises:
-        ValueError: the checkpoint belongs to another algorithm or configuration.
+        CheckpointError: the checkpoint does not continue this run (see
+            :func:`check_resumable`), or its weights do not fit the learner.
     """
     payload = load_checkpoint(run.checkpoint)
-    if payload.get("algorithm") != run.name:
-        raise ValueError(
-            f"{run.checkpoint} holds algorithm {payload.get('algorithm')!r}, not {run.name!r}"
-        )
-    changed = config_differences(payload["config"], run.config)
-    if changed:
-        details = ", ".join(
-            f"{key}: {payload['config'].get(key)!r} -> {run.config.get(key)!r}" for key in changed
-        )
-        raise ValueError(
-            f"--resume: {run.checkpoint} was written with a different configuration ({details}); "
-            f"rerun with the original settings, or use a new --out directory"
-        )
-    run.learner.load_state_dict(payload["state_dict"])
-    run.optimizer.load_state_dict(payload["optimizer"])
+    check_resumable(run, payload)
+    load_state(run.learner, payload, run.checkpoint)
+    try:
+        run.optimizer.load_state_dict(payload["optimizer"])
+        if run.schedule is not None and payload.get("schedule") is not None:
+            run.schedule.load_state_dict(payload["schedule"])
+        record = TrainingRecord(**payload["record"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"{str(run.checkpoint)!r}: its optimiser state does not fit ({error}); delete it to "
+            f"retrain {run.name} from the start"
+        ) from None
     torch.set_rng_state(payload["torch_rng"])
-    record = TrainingRecord(**payload["record"])
     run.learner.meta_steps_taken = record.iterations
     return record
 
@@ -180,7 +195,7 @@ def train(
         checkpoint_every: write a checkpoint every this many meta-iterations (and at the end).
         write: write checkpoints at all (``False`` on all but one distributed rank).
         progress: show a progress line.
-        stop: a flag set by Ctrl-C; the loop stops after the current meta-iteration.
+        stop: a flag set by SIGINT/SIGTERM; the loop stops after the current meta-iteration.
         stop_after: stop after this meta-iteration, as if interrupted (for tests).
 
     Returns:
@@ -193,6 +208,11 @@ def train(
     record = restore(run) if resume and run.checkpoint.exists() else TrainingRecord()
     if record.iterations >= run.iterations:
         return record
+    if stop is not None and stop.requested:  # stopped before this run began: nothing to save
+        raise Interrupted(
+            f"{run.name}: stopped by {signal_name(stop.signum)} before meta-iteration "
+            f"{record.iterations + 1}. Continue with --resume.", signum=stop.signum,
+        )
     distributed = fmd.is_distributed()
     if distributed:  # each rank trains on its share of every meta-batch
         fmd.data_parallel(run.learner)
@@ -230,6 +250,8 @@ def train(
                 f"{run.name}: meta-training diverged at meta-iteration {iteration + 1}: {error}. "
                 f"Stopped; {kept}."
             ) from error
+        if run.schedule is not None:
+            run.schedule.step()
         times.append(time.perf_counter() - tick)
         record.window_losses.append(result.loss)
         record.iterations = iteration + 1
@@ -248,9 +270,12 @@ def train(
             checkpoint()
         if stopping and record.iterations < run.iterations:
             bar.close()
+            signum = stop.signum if stop is not None else None
+            by = f" by {signal_name(signum)}" if signum is not None else ""
             raise Interrupted(
-                f"{run.name}: stopped after meta-iteration {record.iterations} of "
-                f"{run.iterations}; checkpoint {run.checkpoint}. Continue with --resume."
+                f"{run.name}: stopped{by} after meta-iteration {record.iterations} of "
+                f"{run.iterations}; checkpoint {run.checkpoint}. Continue with --resume.",
+                signum=signum,
             )
     if last_saved != record.iterations:
         checkpoint()
@@ -265,8 +290,14 @@ def _any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
-def save_untrained(run: TrainingRun) -> TrainingRecord:
-    """Checkpoint a learner that is not trained (the random-initialisation baseline)."""
+def save_untrained(run: TrainingRun, *, resume: bool = False) -> TrainingRecord:
+    """Checkpoint a learner that is not trained (the random-initialisation baseline).
+
+    With ``resume`` and an existing checkpoint, that checkpoint is checked and loaded.
+    """
+    if resume and run.checkpoint.exists():
+        return restore(run)
     record = TrainingRecord()
-    save_checkpoint(run.checkpoint, _payload(run, record))
+    if fmd.is_main_process():
+        save_checkpoint(run.checkpoint, _payload(run, record))
     return record

@@ -1,111 +1,163 @@
-"""The DAML sine experiment of the seed blog post, written once for the CLI and the example.
+"""``fastmeta bench daml``: the DAML sine experiment of the DAML blog post, on the runner.
 
 Tasks (``fastmeta.data.DomainShiftSinusoid``): the target is ``y = sin(x + b)``, ``b`` in
 ``{0, π}``, on ``x ∈ [-2π, 2π]``; the only thing the learner sees of a new task is one
 unlabelled source input, drawn from ``[π/4, π/2]`` for ``b = 0`` and from
 ``[-π/2, -π/4]`` for ``b = π``. The model (1-32-32-1 ReLU) adapts in 5 SGD steps
 (α = 0.03) on a learned loss: a network over ``[output, h2, h1]`` (65 → 32 → 32 → 1, ReLU)
-whose output ``h`` gives the inner loss ``|h|`` (the seed's ``l1_loss(h, 0)``). The outer
-loss is L1 on 4 labelled target pairs per task.
+whose output ``h`` gives the inner loss ``|h|`` (the blog post's ``l1_loss(h, 0)``). The
+outer loss is L1 on 4 labelled target pairs per task.
 
-The seed trains one task at a time with SGD 1e-2 for 275,000 iterations; here the
+The blog post trains one task at a time with SGD 1e-2 for 275,000 iterations; here the
 default is Adam 3e-3 with cosine decay to 0, on meta-batches of 25 tasks on the vectorised
 engine, for 8,000 iterations (measured: Adam 1e-3 missed the L1 target in as many).
 
 Evaluation: on ``eval_tasks`` new tasks, adapt on one source input each and compare the
-adapted model with both candidate waves on a 200-point grid over ``[-2π, 2π]``.
+adapted model with both candidate waves on a ``grid_points`` grid over ``[-2π, 2π]``.
+Training, checkpoints, ``--resume``, signals and ``torchrun`` are those of every
+benchmark (:func:`fastmeta.bench.run_benchmark`).
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import math
 import pathlib
-import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-import fastmeta
-from fastmeta.bench._config import versions
-from fastmeta.data import BatchMetaDataLoader, DomainShiftSinusoid
+from fastmeta.data import BatchMetaCollate, DomainShiftSinusoid, _seeding
 
-# Targets of the issue: mean L1 on the grid below this, right wave in at least this share.
+from .._learner import MetaLearner
+from . import _plots
+from ._config import BenchConfig, setting
+from ._daml_loss import SeedLossNetwork
+from ._protocol import Benchmark, RunPlan, adam
+from ._registry import build_learner as _build
+from ._runner import run_benchmark
+from ._signals import StopFlag
+
+# Targets of the experiment: mean L1 on the grid below this, right wave in at least this share.
 TARGET_L1 = 0.05
 TARGET_RIGHT_WAVE = 0.99
 
-DEFAULTS: dict[str, Any] = {
-    "hidden": (32, 32),
-    "loss_hidden": (32, 32),
-    "features": ("body.3", "body.1"),  # h2 then h1, after the output: the seed's [y, h2, h1]
-    "inner_lr": 0.03,
-    "inner_steps": 5,
-    "outer_optimizer": "adam",
-    "outer_lr": 3e-3,
-    "outer_lr_schedule": "cosine",  # decays to 0 over the run: a steadier final model
-    "meta_batch_size": 25,
-    "num_source_per_task": 1,
-    "num_target_per_task": 4,
-    "grid_points": 200,
-    "iterations": 8_000,
-    "quick_iterations": 500,
-    "quick_eval_tasks": 200,
-}
+HIDDEN = (32, 32)
+LOSS_HIDDEN = (32, 32)
+FEATURES = ("body.3", "body.1")  # h2 then h1, after the output: the blog post's [y, h2, h1]
+NUM_SOURCE_PER_TASK = 1
+NUM_TRAINING_TASKS = 1_000_000
 
 
-class SeedLossNetwork(nn.Module):
-    """The seed's adaptation-loss network: ``|MLP([output, h2, h1])|``, averaged.
+@dataclass(frozen=True)
+class DamlConfig(BenchConfig):
+    """Settings of ``fastmeta bench daml``; every field is a command-line flag."""
 
-    Weights are drawn U(±1/√fan_in) and biases are zero, as in the seed.
+    algorithms: tuple[str, ...] = setting(("daml",), "learners to train", choices=("daml",))
+    iterations: int = setting(8_000, "meta-iterations")
+    meta_batch_size: int = setting(25, "tasks per meta-iteration")
+    num_target: int = setting(4, "labelled target pairs per training task (the outer loss)")
+    inner_lr: float = setting(0.03, "inner SGD learning rate on the learned loss")
+    inner_steps: int = setting(5, "inner SGD steps, in training and evaluation")
+    meta_lr: float = setting(3e-3, "Adam learning rate of the outer loop, decayed to 0 over "
+                             "the run by a cosine schedule")
+    eval_tasks: int = setting(1000, "new tasks evaluated")
+    grid_points: int = setting(200, "points of the evaluation grid over [-2 pi, 2 pi]")
+    seed: int = setting(0, "seed of the weights and training tasks; evaluation tasks use "
+                        "seed + 1")
+    engine: str = setting("auto", "learner engine", choices=("auto", "vmap", "higher"))
+    checkpoint_every: int = setting(1000, "meta-iterations between checkpoints")
 
-    Args:
-        in_features: size of ``[output, h2, h1]`` (1 + 32 + 32 in the seed).
-        hidden: widths of the hidden layers.
+    not_shared: ClassVar[tuple[str, ...]] = ("eval_tasks", "grid_points")
+
+    def __post_init__(self) -> None:
+        self._validate(
+            allowed_algorithms=("daml",),
+            counts=("iterations", "meta_batch_size", "num_target", "inner_steps", "eval_tasks",
+                    "grid_points", "checkpoint_every"),
+            int_lists=(),
+            rates=("inner_lr", "meta_lr"),
+        )
+
+
+QUICK = {"iterations": 500, "eval_tasks": 200, "checkpoint_every": 100}
+
+
+def learner_spec(config: DamlConfig) -> dict[str, Any]:
+    """The blog post's model and loss network, for :class:`fastmeta.DAML` (a checkpoint spec)."""
+    return {
+        "benchmark": "daml",
+        "algorithm": "daml",
+        "model": {"class": "SineMLP", "kwargs": {"hidden": list(HIDDEN), "init": "fan_in"}},
+        "modules": {"adaptation_loss": {
+            "class": "SeedLossNetwork",
+            "kwargs": {"in_features": 1 + sum(HIDDEN), "hidden": list(LOSS_HIDDEN)},
+        }},
+        "learner": {"inner_lr": config.inner_lr, "inner_steps": config.inner_steps,
+                    "features": list(FEATURES), "loss_fn": "l1", "engine": config.engine},
+    }
+
+
+def build_learner(config: DamlConfig | None = None) -> MetaLearner:
+    """The experiment's learner with its initial weights (drawn from ``config.seed``)."""
+    config = DamlConfig() if config is None else config
+    return _build(learner_spec(config), seed=config.seed)
+
+
+def training_batches(config: DamlConfig) -> Callable[[int], Any]:
+    """``batch(i)``: the tasks of meta-iteration ``i``, a pure function of ``i``.
+
+    The same batches, in the same order, as ``BatchMetaDataLoader(tasks,
+    batch_size=meta_batch_size, shuffle=True)`` iterated epoch after epoch: per epoch the
+    loader draws its base seed, then the permutation of the tasks (then the empty
+    remainder's permutation), all from one generator seeded by the task family's seed.
     """
+    tasks = DomainShiftSinusoid(NUM_SOURCE_PER_TASK, config.num_target,
+                                num_tasks=NUM_TRAINING_TASKS, seed=config.seed)
+    size = config.meta_batch_size
+    per_epoch = math.ceil(NUM_TRAINING_TASKS / size)
+    generator = torch.Generator()
+    generator.manual_seed(_seeding.derive_seed(tasks.initial_seed(), _seeding.STREAM_SAMPLER))
+    orders: list[Tensor] = []
+    collate = BatchMetaCollate()
 
-    def __init__(self, in_features: int = 65, hidden: tuple[int, ...] = (32, 32)) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        width = in_features
-        for next_width in hidden:
-            layers += [nn.Linear(width, next_width), nn.ReLU()]
-            width = next_width
-        layers.append(nn.Linear(width, 1))
-        self.net = nn.Sequential(*layers)
-        for module in self.net:
-            if isinstance(module, nn.Linear):
-                bound = 1.0 / math.sqrt(module.in_features)
-                nn.init.uniform_(module.weight, -bound, bound)
-                nn.init.zeros_(module.bias)
+    def batch(iteration: int) -> Any:
+        epoch, row = divmod(iteration, per_epoch)
+        while len(orders) <= epoch:
+            torch.empty((), dtype=torch.int64).random_(generator=generator)  # the base seed
+            orders.append(torch.randperm(NUM_TRAINING_TASKS, generator=generator))
+            torch.randperm(NUM_TRAINING_TASKS, generator=generator)  # the remainder's draw
+        tasks.set_epoch(epoch)
+        indices = orders[epoch][row * size:(row + 1) * size].tolist()
+        return collate(tasks.__getitems__(indices))
 
-    def forward(self, output: Tensor, *features: Tensor) -> Tensor:
-        """Mean of ``|h|`` over the examples (the seed's ``l1_loss(h, 0)``)."""
-        return self.net(torch.cat([output, *features], dim=-1)).abs().mean()
-
-
-def build_learner(seed: int = 0, engine: str = "auto") -> fastmeta.DAML:
-    """The seed's model and loss network, wrapped in :class:`fastmeta.DAML`."""
-    torch.manual_seed(seed)
-    hidden = DEFAULTS["hidden"]
-    model = fastmeta.models.SineMLP(hidden=hidden, init="fan_in")
-    loss_net = SeedLossNetwork(1 + sum(hidden), DEFAULTS["loss_hidden"])
-    return fastmeta.DAML(
-        model,
-        adaptation_loss=loss_net,
-        inner_lr=DEFAULTS["inner_lr"],
-        inner_steps=DEFAULTS["inner_steps"],
-        features=DEFAULTS["features"],
-        loss_fn="l1",
-        engine=engine,
-    )
+    return batch
 
 
-def evaluate(learner: fastmeta.DAML, *, tasks: int, seed: int) -> dict[str, Any]:
+def plan(config: DamlConfig) -> list[RunPlan]:
+    """One run: DAML, Adam with cosine decay to 0 over the run."""
+    return [RunPlan(
+        name="daml",
+        algorithm="daml",
+        spec=learner_spec(config),
+        iterations=config.iterations,
+        batches=lambda: training_batches(config),
+        training=config.shared_dict(),
+        evaluation=config.as_dict(),
+        optimizer=adam(config.meta_lr),
+        schedule=lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=config.iterations),
+    )]
+
+
+def evaluate(learner: MetaLearner, *, tasks: int, seed: int, grid_points: int = 200,
+             steps: int | None = None) -> dict[str, Any]:
     """Adapt on one source input per new task; compare with both waves on the grid.
+
+    ``steps`` inner steps (default: the learner's).
 
     Returns:
         ``l1`` (mean over tasks of the mean L1 error against the right wave, with its
@@ -113,8 +165,7 @@ def evaluate(learner: fastmeta.DAML, *, tasks: int, seed: int) -> dict[str, Any]
         other), the same L1 before adaptation, and the per-phase breakdown.
     """
     data = DomainShiftSinusoid(
-        DEFAULTS["num_source_per_task"], DEFAULTS["grid_points"], num_tasks=tasks,
-        target_grid=True, seed=seed,
+        NUM_SOURCE_PER_TASK, grid_points, num_tasks=tasks, target_grid=True, seed=seed,
     )
     parts = data.__getitems__(list(range(tasks)))
     source = torch.stack([t["train"].inputs for t in parts])
@@ -123,7 +174,7 @@ def evaluate(learner: fastmeta.DAML, *, tasks: int, seed: int) -> dict[str, Any]
     phases = torch.tensor([t["test"].phase for t in parts])
     batch = {"train": [source], "test": [grid, right]}
     with torch.no_grad():
-        adapted = learner.adapt_many(batch)
+        adapted = learner.adapt_many(batch, steps=steps)
         prediction = adapted(grid)
         before = learner.adapt_many(batch, steps=0)(grid)
     l1 = (prediction - right).abs().mean(dim=(1, 2))
@@ -141,7 +192,7 @@ def evaluate(learner: fastmeta.DAML, *, tasks: int, seed: int) -> dict[str, Any]
 
     return {
         "tasks": tasks,
-        "grid_points": DEFAULTS["grid_points"],
+        "grid_points": grid_points,
         "l1": summary(l1),
         "l1_before_adaptation": summary(l1_before),
         "right_wave": float((l1 < l1_other).double().mean()),
@@ -151,14 +202,11 @@ def evaluate(learner: fastmeta.DAML, *, tasks: int, seed: int) -> dict[str, Any]
     }
 
 
-def plot(learner: fastmeta.DAML, path: pathlib.Path, *, seed: int) -> None:
+def plot(learner: MetaLearner, path: pathlib.Path, *, seed: int, grid_points: int = 200
+         ) -> pathlib.Path:
     """Adapted model against both candidate waves, one panel per phase."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grid = torch.linspace(-2 * math.pi, 2 * math.pi, DEFAULTS["grid_points"]).unsqueeze(1)
+    plt = _plots.pyplot()
+    grid = torch.linspace(-2 * math.pi, 2 * math.pi, grid_points).unsqueeze(1)
     rng = np.random.default_rng(seed)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
     for ax, phase, (low, high) in zip(
@@ -182,26 +230,44 @@ def plot(learner: fastmeta.DAML, path: pathlib.Path, *, seed: int) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
 
 
-def _markdown(results: dict[str, Any]) -> str:
-    ev, cfg = results["evaluation"], results["config"]
-    rows = [
+def evaluate_learner(learner: MetaLearner, algorithm: str, config: DamlConfig
+                     ) -> dict[str, Any]:
+    """:func:`evaluate` on the configuration's new tasks, with the targets' verdict."""
+    evaluation = evaluate(learner, tasks=config.eval_tasks, seed=config.seed + 1,
+                          grid_points=config.grid_points, steps=config.inner_steps)
+    evaluation["engine"] = getattr(learner, "engine", config.engine)
+    evaluation["targets_met"] = bool(
+        evaluation["l1"]["mean"] < TARGET_L1 and evaluation["right_wave"] >= TARGET_RIGHT_WAVE
+    )
+    return evaluation
+
+
+def _rows(evaluation: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return [
         ("mean L1 on the grid, after adaptation",
-         f"{ev['l1']['mean']:.4f} ± {ev['l1']['ci95']:.4f}", f"< {TARGET_L1}"),
+         f"{evaluation['l1']['mean']:.4f} ± {evaluation['l1']['ci95']:.4f}", f"< {TARGET_L1}"),
         ("mean L1 on the grid, before adaptation",
-         f"{ev['l1_before_adaptation']['mean']:.4f}", "-"),
-        ("tasks closer to the right wave", f"{100 * ev['right_wave']:.1f}%",
+         f"{evaluation['l1_before_adaptation']['mean']:.4f}", "-"),
+        ("tasks closer to the right wave", f"{100 * evaluation['right_wave']:.1f}%",
          f">= {100 * TARGET_RIGHT_WAVE:.0f}%"),
-        ("worst task's L1", f"{ev['l1']['max']:.4f}", "-"),
-        ("training time", f"{results['training']['seconds']:.0f} s", "-"),
+        ("worst task's L1", f"{evaluation['l1']['max']:.4f}", "-"),
     ]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """``results.md``: the experiment's numbers against its targets."""
+    entry, cfg = results["algorithms"]["daml"], results["config"]
+    ev = entry["evaluation"]
+    rows = [*_rows(ev), ("training time", f"{entry['training']['seconds']:.0f} s", "-")]
     lines = [
         "# DAML on sine waves",
         "",
         f"{cfg['iterations']} meta-iterations × {cfg['meta_batch_size']} tasks, "
-        f"{cfg['outer_optimizer']} {cfg['outer_lr']}, {cfg['inner_steps']} inner steps "
-        f"(α = {cfg['inner_lr']}), engine {results['training']['engine']}; evaluated on "
+        f"adam {cfg['meta_lr']} (cosine decay to 0), {cfg['inner_steps']} inner steps "
+        f"(α = {cfg['inner_lr']}), engine {ev['engine']}; evaluated on "
         f"{ev['tasks']} new tasks, {ev['grid_points']}-point grid over [-2π, 2π], one "
         f"unlabelled source input each.",
         "",
@@ -209,123 +275,65 @@ def _markdown(results: dict[str, Any]) -> str:
         "|---|---|---|",
         *(f"| {a} | {b} | {c} |" for a, b, c in rows),
         "",
-        f"Targets met: {'yes' if results['targets_met'] else 'no'}.",
-        "",
+        f"Targets met: {'yes' if ev['targets_met'] else 'no'}.",
     ]
-    return "\n".join(lines)
+    if results.get("figures"):
+        lines += ["", *[f"![{pathlib.Path(f).stem}]({pathlib.Path(f).name})"
+                        for f in results["figures"]]]
+    return "\n".join(lines) + "\n"
 
 
 def run_daml(
+    config: DamlConfig,
     out: pathlib.Path,
     *,
-    iterations: int | None = None,
-    quick: bool = False,
-    seed: int = 0,
-    eval_tasks: int = 1000,
-    engine: str = "auto",
-    progress: Callable[[int, int, float], None] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    plots: bool = True,
+    stop: StopFlag | None = None,
+    stop_after: int | None = None,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Meta-train DAML on the seed's sine tasks, evaluate, write the results to ``out``.
+    """``fastmeta bench daml``: :func:`fastmeta.bench.run_benchmark` of this benchmark.
 
-    Writes ``out/results.json`` (config, every number, versions, training time),
-    ``out/results.md`` (a short table) and ``out/daml_sine.png``.
-
-    Args:
-        out: output folder (created if needed).
-        iterations: meta-iterations; default 8,000 (500 with ``quick``).
-        quick: a short run for a smoke test (under a minute); also evaluates on at
-            most 200 tasks.
-        seed: seed of the initialisation and the training tasks; evaluation tasks use
-            ``seed + 1``.
-        eval_tasks: number of new tasks to evaluate on.
-        engine: ``"auto"``, ``"vmap"`` or ``"higher"``.
-        progress: called as ``progress(iteration, total, loss)`` during training.
-
-    Returns:
-        The dictionary written to ``results.json``.
-
-    Raises:
-        ValueError: ``iterations`` or ``eval_tasks`` below 1.
+    Writes ``out/results.json``, ``out/results.md``, ``out/daml_sine.png`` and the
+    checkpoint ``out/checkpoints/daml.pt``.
     """
-    if iterations is None:
-        iterations = DEFAULTS["quick_iterations"] if quick else DEFAULTS["iterations"]
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
-    if isinstance(eval_tasks, bool) or not isinstance(eval_tasks, int) or eval_tasks < 1:
-        raise ValueError(f"eval_tasks must be an int >= 1, got {eval_tasks!r}")
-    if quick:
-        eval_tasks = min(eval_tasks, DEFAULTS["quick_eval_tasks"])
-    out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks: one thread is fastest, and fair on a shared machine
-    try:
-        return _run(out, iterations, quick, seed, eval_tasks, engine, progress)
-    finally:
-        torch.set_num_threads(threads)
+    return run_benchmark(BENCHMARK, config, out, resume=resume, progress=progress, plots=plots,
+                         stop=stop, stop_after=stop_after, log=log)
 
 
-def _run(
-    out: pathlib.Path,
-    iterations: int,
-    quick: bool,
-    seed: int,
-    eval_tasks: int,
-    engine: str,
-    progress: Callable[[int, int, float], None] | None,
-) -> dict[str, Any]:
-    learner = build_learner(seed, engine)
-    optimizer = torch.optim.Adam(learner.parameters(), lr=DEFAULTS["outer_lr"])
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations)
-    tasks = DomainShiftSinusoid(
-        DEFAULTS["num_source_per_task"], DEFAULTS["num_target_per_task"], seed=seed
-    )
-    loader = BatchMetaDataLoader(tasks, batch_size=DEFAULTS["meta_batch_size"], shuffle=True)
-    every = max(1, iterations // 100)
-    curve: list[tuple[int, float]] = []
-    running, count = 0.0, 0
-    start = time.perf_counter()
-    batches = itertools.chain.from_iterable(itertools.repeat(loader))
-    for iteration, batch in enumerate(itertools.islice(batches, iterations), start=1):
-        loss = learner.meta_step(batch, optimizer).loss
-        schedule.step()
-        running, count = running + loss, count + 1
-        if iteration % every == 0 or iteration == iterations:
-            curve.append((iteration, running / count))
-            running, count = 0.0, 0
-            if progress is not None:
-                progress(iteration, iterations, loss)
-    seconds = time.perf_counter() - start
+def _figures(learners: dict[str, MetaLearner], results: dict[str, Any], config: DamlConfig,
+             out: pathlib.Path) -> list[pathlib.Path]:
+    return [plot(learners["daml"], out / "daml_sine.png", seed=config.seed,
+                 grid_points=config.grid_points)]
 
-    evaluation = evaluate(learner, tasks=eval_tasks, seed=seed + 1)
-    plot(learner, out / "daml_sine.png", seed=seed)
-    config = {
-        **{k: v for k, v in DEFAULTS.items() if not k.startswith("quick_")},
-        "iterations": iterations,
-        "quick": quick,
-        "seed": seed,
-        "eval_tasks": eval_tasks,
-        "loss_fn": "l1",
-        "inner_loss": "|loss_net([output, h2, h1])| averaged over the source inputs",
-    }
-    results: dict[str, Any] = {
-        "experiment": "daml_sine",
-        "config": config,
-        "training": {
-            "seconds": seconds,
-            "ms_per_iteration": 1000 * seconds / iterations,
-            "engine": learner.engine,
-            "final_meta_loss": curve[-1][1],
-            "meta_loss_curve": curve,
-        },
-        "evaluation": evaluation,
-        "targets": {"l1_below": TARGET_L1, "right_wave_at_least": TARGET_RIGHT_WAVE},
-        "targets_met": bool(
-            evaluation["l1"]["mean"] < TARGET_L1 and evaluation["right_wave"] >= TARGET_RIGHT_WAVE
-        ),
-        "versions": versions(),
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(_markdown(results))
-    return results
+
+def _eval_text(algorithm: str, evaluation: dict[str, Any], config: DamlConfig) -> str:
+    lines = [f"{algorithm}: {evaluation['tasks']} new tasks, one unlabelled source input each"]
+    lines += [f"  {name:<40} {value:<18} target {target}"
+              for name, value, target in _rows(evaluation)]
+    return "\n".join(lines)
+
+
+BENCHMARK = Benchmark(
+    name="daml",
+    help="domain-adaptive meta-learning on sine waves (a learned inner loss)",
+    description="Meta-train DAML: the phase (0 or pi) of a sine wave is inferred from one "
+    "unlabelled source input; 5 inner steps on a learned loss, L1 outer loss.",
+    config=DamlConfig,
+    quick=QUICK,
+    plan=plan,
+    evaluate=evaluate_learner,
+    markdown=markdown,
+    figures=_figures,
+    figure_names=("daml_sine.png",),
+    eval_options={"steps": "inner_steps", "tasks": "eval_tasks"},
+    eval_text=_eval_text,
+    eval_figures=lambda learner, algorithm, evaluation, config, directory: [
+        plot(learner, directory / f"eval_{algorithm}_sine.png", seed=config.seed,
+             grid_points=config.grid_points)],
+)
+
+__all__ = ["BENCHMARK", "DamlConfig", "SeedLossNetwork", "build_learner", "evaluate",
+           "learner_spec", "markdown", "plot", "run_daml", "training_batches"]

@@ -12,30 +12,28 @@ N-way head on the support images (the "Baseline" of Chen et al., ICLR 2019).
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
-import time
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from .. import distributed as fmd
 from .._learner import MetaLearner
 from .._task import Task, as_task
 from ..algorithms import ANIL
 from ..data import BatchMetaCollate, ClassSplitter, Digits
 from . import _plots
-from ._config import BenchConfig, json_ready, prepare_out, versions
-from ._evaluate import accuracy, fine_tuning_curve
-from ._registry import build_learner
+from ._config import BenchConfig, setting
+from ._evaluate import accuracy, curve_table, fine_tuning_curve
+from ._protocol import Benchmark, Outcome, RunPlan, adam
+from ._runner import run_benchmark
+from ._signals import StopFlag
 from ._stats import format_cell
-from ._train import StopFlag, TrainingRun, train
 
 DIGITS_ALGORITHMS = ("maml", "fomaml", "reptile", "anil", "metasgd", "finetune")
 EVAL_SEED_OFFSET = 1_000_003
@@ -45,41 +43,28 @@ FINETUNE_BATCH = 64  # images per step of the baseline's ordinary training
 
 @dataclass(frozen=True)
 class DigitsConfig(BenchConfig):
-    """Settings of ``fastmeta bench digits``.
+    """Settings of ``fastmeta bench digits``; every field is a command-line flag."""
 
-    Attributes:
-        algorithms: learners to train and compare.
-        ways: classes per task (N of N-way).
-        shots: support images per class; one training and evaluation per value.
-        query: query images per class, in training and evaluation.
-        iterations: meta-iterations per algorithm and shot count.
-        meta_batch_size: tasks per meta-iteration.
-        hidden: channels of the Conv-4 backbone.
-        inner_lr: inner SGD learning rate (training and fine-tuning).
-        inner_steps: inner steps in training.
-        eval_steps: fine-tuning steps evaluated (0 through this).
-        eval_tasks: held-out tasks.
-        meta_lr: Adam learning rate of the outer loop.
-        seed: seed of weights, class split and tasks.
-        engine: learner engine.
-        checkpoint_every: meta-iterations between checkpoints.
-    """
+    algorithms: tuple[str, ...] = setting(
+        DIGITS_ALGORITHMS, "learners to train and compare", choices=DIGITS_ALGORITHMS)
+    ways: int = setting(5, "classes per task: N of N-way (2 to 8)")
+    shots: tuple[int, ...] = setting((1, 5), "support images per class; one training and "
+                                     "evaluation per value")
+    query: int = setting(5, "query images per class, in training and evaluation")
+    iterations: int = setting(1000, "meta-iterations per algorithm and shot count")
+    meta_batch_size: int = setting(8, "tasks per meta-iteration")
+    hidden: int = setting(16, "channels of the Conv-4 backbone")
+    inner_lr: float = setting(0.4, "inner SGD learning rate (training and fine-tuning)")
+    inner_steps: int = setting(1, "inner steps in training (Reptile: 5)")
+    eval_steps: int = setting(5, "fine-tuning steps evaluated (0 through this)")
+    eval_tasks: int = setting(600, "held-out tasks")
+    meta_lr: float = setting(1e-3, "Adam learning rate of the outer loop")
+    seed: int = setting(0, "seed of weights, class split and tasks")
+    engine: str = setting("auto", "learner engine", choices=("auto", "vmap", "higher"))
+    checkpoint_every: int = setting(250, "meta-iterations between checkpoints")
 
-    algorithms: tuple[str, ...] = DIGITS_ALGORITHMS
-    ways: int = 5
-    shots: tuple[int, ...] = (1, 5)
-    query: int = 5
-    iterations: int = 1000
-    meta_batch_size: int = 8
-    hidden: int = 16
-    inner_lr: float = 0.4
-    inner_steps: int = 1
-    eval_steps: int = 5
-    eval_tasks: int = 600
-    meta_lr: float = 1e-3
-    seed: int = 0
-    engine: str = "auto"
-    checkpoint_every: int = 250
+    # Each run trains on one shot count (checked per run); evaluation settings.
+    not_shared: ClassVar[tuple[str, ...]] = ("shots", "eval_steps", "eval_tasks")
 
     def __post_init__(self) -> None:
         self._validate(
@@ -97,33 +82,34 @@ class DigitsConfig(BenchConfig):
 
     def training_dict(self, shots: int) -> dict[str, Any]:
         """The settings that determine one learner's training (checked on ``--resume``)."""
-        values = self.as_dict()
-        for key in ("algorithms", "shots", "checkpoint_every", "eval_steps", "eval_tasks"):
-            del values[key]
-        return {**values, "train_shots": shots}
+        return {**self.shared_dict(), "train_shots": shots}
+
+
+QUICK = {"iterations": 200, "eval_tasks": 100, "checkpoint_every": 100}
 
 
 def quick_digits_config(**overrides: Any) -> DigitsConfig:
     """A few minutes on 2 CPU cores: fewer iterations and held-out tasks."""
-    settings: dict[str, Any] = {"iterations": 200, "eval_tasks": 100, "checkpoint_every": 100}
-    settings.update(overrides)
-    return DigitsConfig(**settings)
+    return DigitsConfig(**{**QUICK, **overrides})
+
+
+# Keyword arguments of each learner beyond inner_lr, engine and loss_fn; None: the
+# configuration's inner_steps.
+LEARNER_OPTIONS: dict[str, dict[str, Any]] = {
+    "maml": {"inner_steps": None},
+    "fomaml": {"inner_steps": None},
+    "reptile": {"inner_steps": REPTILE_INNER_STEPS},
+    "anil": {"inner_steps": None, "head": "head"},
+    "metasgd": {"inner_steps": None},
+    "finetune": {},
+}
 
 
 def learner_spec(config: DigitsConfig, algorithm: str) -> dict[str, Any]:
     """Model and learner settings of ``algorithm`` (stored in its checkpoint)."""
     classes = len(_split(config, "train").dataset) if algorithm == "finetune" else config.ways
-    learner: dict[str, Any] = {
-        "inner_lr": config.inner_lr,
-        "engine": config.engine,
-        "loss_fn": "cross_entropy",
-    }
-    if algorithm in ("maml", "fomaml", "anil", "metasgd"):
-        learner["inner_steps"] = config.inner_steps
-    if algorithm == "reptile":
-        learner["inner_steps"] = REPTILE_INNER_STEPS
-    if algorithm == "anil":
-        learner["head"] = "head"
+    options = {k: config.inner_steps if v is None else v
+               for k, v in LEARNER_OPTIONS[algorithm].items()}
     return {
         "benchmark": "digits",
         "algorithm": algorithm,
@@ -136,8 +122,42 @@ def learner_spec(config: DigitsConfig, algorithm: str) -> dict[str, Any]:
                 "image_size": 8,
             },
         },
-        "learner": learner,
+        "learner": {"inner_lr": config.inner_lr, "engine": config.engine,
+                    "loss_fn": "cross_entropy", **options},
     }
+
+
+def plan(config: DigitsConfig) -> list[RunPlan]:
+    """One run per algorithm and shot count; one ordinary classifier serves every shot
+    count of the fine-tuning baseline."""
+    runs = []
+    for algorithm in config.algorithms:
+        trained_for = config.shots[:1] if algorithm == "finetune" else config.shots
+        for shots in trained_for:
+            evaluated = config.shots if algorithm == "finetune" else (shots,)
+            runs.append(RunPlan(
+                name=algorithm if algorithm == "finetune" else f"{algorithm}-{shots}shot",
+                algorithm=algorithm,
+                spec=learner_spec(config, algorithm),
+                iterations=config.iterations,
+                batches=functools.partial(training_batches, config, algorithm, shots),
+                training=config.training_dict(shots),
+                evaluation={**config.as_dict(), "shots": list(evaluated)},
+                optimizer=adam(config.meta_lr),
+            ))
+    return runs
+
+
+def entry(config: DigitsConfig, algorithm: str, outcomes: list[Outcome]) -> dict[str, Any]:
+    """An algorithm's ``results.json`` entry: its runs' training, evaluation, checkpoints."""
+    found: dict[str, Any] = {"training": {}, "evaluation": {}, "checkpoints": {}}
+    for outcome in outcomes:
+        name = outcome.run.name
+        found["training"][name] = {k: v for k, v in outcome.training.items()
+                                   if k != "final_meta_loss"}
+        found["evaluation"].update(outcome.evaluation)
+        found["checkpoints"][name] = outcome.checkpoint
+    return found
 
 
 @cache
@@ -218,7 +238,7 @@ def evaluation_learner(learner: MetaLearner, algorithm: str, config: DigitsConfi
 
 def evaluate_learner(
     learner: MetaLearner, algorithm: str, config: DigitsConfig
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, Any]:
     """Accuracy curves for every shot count in ``config.shots`` (``{"1-shot": curve}``)."""
     evaluator = evaluation_learner(learner, algorithm, config)
     return {
@@ -274,84 +294,51 @@ def run_digits(
     stop_after: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Meta-train, evaluate and write ``results.json``, ``results.md`` and a figure.
+    """``fastmeta bench digits``: :func:`fastmeta.bench.run_benchmark` of this benchmark."""
+    return run_benchmark(BENCHMARK, config, out, resume=resume, progress=progress, plots=plots,
+                         stop=stop, stop_after=stop_after, log=log)
 
-    Arguments and errors as for :func:`fastmeta.bench.sine.run_sine`.
-    """
-    if plots:
-        _plots.pyplot()
-    out = Path(out)
-    checkpoints = prepare_out(out, resume=resume)
-    started = time.perf_counter()
-    results: dict[str, Any] = {
-        "benchmark": "digits",
-        "config": config.as_dict(),
-        "versions": versions(),
-        "algorithms": {},
-    }
-    for algorithm in config.algorithms:
-        entry: dict[str, Any] = {"training": {}, "evaluation": {}, "checkpoints": {}}
-        # One ordinary classifier serves every shot count of the fine-tuning baseline.
-        trained_for = config.shots[:1] if algorithm == "finetune" else config.shots
-        for shots in trained_for:
-            evaluated = config.shots if algorithm == "finetune" else (shots,)
-            spec = learner_spec(config, algorithm)
-            learner = build_learner(spec, seed=config.seed).to(fmd.device())
-            name = algorithm if algorithm == "finetune" else f"{algorithm}-{shots}shot"
-            run = TrainingRun(
-                name,
-                learner,
-                torch.optim.Adam(learner.parameters(), lr=config.meta_lr),
-                config.iterations,
-                training_batches(config, algorithm, shots),
-                checkpoints / f"{name}.pt",
-                spec,
-                config.training_dict(shots),
-                metadata={"config": {**config.as_dict(), "shots": list(evaluated)}},
-            )
-            record = train(
-                run,
-                resume=resume,
-                checkpoint_every=config.checkpoint_every,
-                progress=progress,
-                stop=stop,
-                stop_after=stop_after,
-            )
-            if not fmd.is_main_process():
-                continue  # rank 0 evaluates and writes
-            log(f"evaluating {name} on {config.eval_tasks} held-out tasks")
-            entry["evaluation"].update(
-                evaluate_learner(learner, algorithm, dataclasses.replace(config, shots=evaluated))
-            )
-            entry["training"][name] = {
-                "iterations": record.iterations,
-                "seconds": record.seconds,
-                "ms_per_iteration": record.ms_per_iteration,
-                "loss_curve": record.loss_curve,
-            }
-            entry["checkpoints"][name] = str(run.checkpoint.relative_to(out))
-        results["algorithms"][algorithm] = entry
-    if not fmd.is_main_process():
-        return results
-    figures = []
-    if plots:
-        panels = {
-            f"{config.ways}-way {shots}-shot": {
-                name: entry["evaluation"][f"{shots}-shot"]
-                for name, entry in results["algorithms"].items()
-            }
-            for shots in config.shots
+
+def _figures(learners: dict[str, MetaLearner], results: dict[str, Any], config: DigitsConfig,
+             out: Path) -> list[Path]:
+    panels = {
+        f"{config.ways}-way {shots}-shot": {
+            name: entry["evaluation"][f"{shots}-shot"]
+            for name, entry in results["algorithms"].items()
         }
-        path = _plots.curves(
-            panels,
-            out / "accuracy_curves.png",
-            ylabel="query accuracy (mean ± 95% CI)",
-            title=f"Fine-tuning on {config.eval_tasks} held-out digit tasks",
-        )
-        figures.append(str(path.relative_to(out)))
-    results["figures"] = figures
-    results["wall_seconds"] = time.perf_counter() - started
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(json_ready(results), indent=1) + "\n")
-    (out / "results.md").write_text(markdown(results))
-    return results
+        for shots in config.shots
+    }
+    return [_plots.curves(
+        panels,
+        out / "accuracy_curves.png",
+        ylabel="query accuracy (mean ± 95% CI)",
+        title=f"Fine-tuning on {config.eval_tasks} held-out digit tasks",
+    )]
+
+
+def _eval_figures(learner: MetaLearner, algorithm: str, evaluation: dict[str, Any],
+                  config: DigitsConfig, directory: Path) -> list[Path]:
+    panels = {key: {algorithm: curve} for key, curve in evaluation.items()}
+    return [_plots.curves(panels, directory / f"eval_{algorithm}_curves.png",
+                          ylabel="query accuracy",
+                          title=f"{algorithm}: fine-tuning on held-out classes")]
+
+
+BENCHMARK = Benchmark(
+    name="digits",
+    help="few-shot digit classification (offline, scikit-learn's 8x8 digits)",
+    description="N-way 1-shot and 5-shot classification on held-out digit classes "
+    "(scikit-learn's 8x8 digits with rotations as extra classes; no download).",
+    config=DigitsConfig,
+    quick=QUICK,
+    plan=plan,
+    evaluate=evaluate_learner,
+    markdown=markdown,
+    figures=_figures,
+    figure_names=("accuracy_curves.png",),
+    entry=entry,
+    eval_options={"shots": "shots", "steps": "eval_steps", "tasks": "eval_tasks"},
+    eval_text=lambda algorithm, evaluation, config: curve_table(
+        algorithm, "query accuracy", evaluation),
+    eval_figures=_eval_figures,
+)

@@ -9,26 +9,24 @@ SGD α = 0.01, query MSE reported as mean ± 95% confidence interval.
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from .. import distributed as fmd
 from .._learner import MetaLearner
 from .._task import Task, as_task
 from ..data import BatchMetaCollate, sinusoid
 from . import _plots
-from ._config import BenchConfig, json_ready, prepare_out, versions
-from ._evaluate import adapt_quietly, fine_tuning_curve, per_task
-from ._registry import build_learner
+from ._config import BenchConfig, setting
+from ._evaluate import adapt_quietly, curve_table, fine_tuning_curve, per_task
+from ._protocol import Benchmark, RunPlan, adam
+from ._runner import run_benchmark
+from ._signals import StopFlag
 from ._stats import format_cell, summarize
-from ._train import StopFlag, TrainingRecord, TrainingRun, save_untrained, train
 
 SINE_ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "transfer", "random")
 
@@ -49,38 +47,32 @@ REPTILE_INNER_STEPS = 5
 class SineConfig(BenchConfig):
     """Settings of ``fastmeta bench sine`` (the MAML paper's protocol by default).
 
-    Attributes:
-        algorithms: which learners to train and compare.
-        preset: task family, ``"maml"`` (A∈[0.1,5], φ∈[0,π], MLP 1-40-40-1 ReLU) or
-            ``"reptile"`` (φ∈[0,2π], MLP 1-64-64-1 tanh).
-        iterations: meta-iterations per algorithm.
-        meta_batch_size: tasks per meta-iteration.
-        train_shots: support (and query) points per training task: the K of training.
-        eval_shots: support points of the held-out tasks, one evaluation per value.
-        eval_steps: fine-tuning steps evaluated (0 through this).
-        eval_tasks: number of held-out tasks.
-        eval_query: query points per held-out task.
-        inner_lr: inner learning rate α of training and of evaluation.
-        meta_lr: Adam learning rate of the outer loop.
-        seed: seed of the initial weights and of every task draw.
-        engine: engine of the learners (``"auto"``, ``"vmap"``, ``"higher"``).
-        checkpoint_every: meta-iterations between checkpoints.
+    Every field is a command-line flag (``eval_shots`` is ``--eval-shots``); see each
+    field's help for its meaning.
     """
 
-    algorithms: tuple[str, ...] = SINE_ALGORITHMS
-    preset: str = "maml"
-    iterations: int = 70_000
-    meta_batch_size: int = 25
-    train_shots: int = 10
-    eval_shots: tuple[int, ...] = (5, 10, 20)
-    eval_steps: int = 10
-    eval_tasks: int = 600
-    eval_query: int = 100
-    inner_lr: float = 0.01
-    meta_lr: float = 1e-3
-    seed: int = 0
-    engine: str = "auto"
-    checkpoint_every: int = 1000
+    algorithms: tuple[str, ...] = setting(
+        SINE_ALGORITHMS, "learners to train and compare", choices=SINE_ALGORITHMS)
+    preset: str = setting(
+        "maml", "task family: maml (A in [0.1, 5], phase in [0, pi], MLP 1-40-40-1 ReLU) or "
+        "reptile (phase in [0, 2 pi], MLP 1-64-64-1 tanh)", choices=("maml", "reptile"))
+    iterations: int = setting(70_000, "meta-iterations per algorithm")
+    meta_batch_size: int = setting(25, "tasks per meta-iteration")
+    train_shots: int = setting(10, "support (and query) points per training task: K")
+    eval_shots: tuple[int, ...] = setting((5, 10, 20), "support points of the held-out "
+                                          "tasks, one evaluation per value")
+    eval_steps: int = setting(10, "fine-tuning steps evaluated (0 through this)")
+    eval_tasks: int = setting(600, "held-out tasks")
+    eval_query: int = setting(100, "query points per held-out task")
+    inner_lr: float = setting(0.01, "inner SGD learning rate, in training and evaluation")
+    meta_lr: float = setting(1e-3, "Adam learning rate of the outer loop")
+    seed: int = setting(0, "seed of the initial weights and of every task draw")
+    engine: str = setting("auto", "learner engine", choices=("auto", "vmap", "higher"))
+    checkpoint_every: int = setting(1000, "meta-iterations between checkpoints")
+
+    # Evaluation settings: they do not change a learner's training.
+    not_shared: ClassVar[tuple[str, ...]] = ("eval_shots", "eval_steps", "eval_tasks",
+                                             "eval_query")
 
     def __post_init__(self) -> None:
         self._validate(
@@ -90,8 +82,6 @@ class SineConfig(BenchConfig):
             int_lists=("eval_shots",),
             rates=("inner_lr", "meta_lr"),
         )
-        if self.preset not in ("maml", "reptile"):
-            raise ValueError(f"preset must be 'maml' or 'reptile', got {self.preset!r}")
 
     def training_dict(self) -> dict[str, Any]:
         """The settings that determine a learner's training (checked on ``--resume``).
@@ -100,39 +90,59 @@ class SineConfig(BenchConfig):
         not change a learner's training: runs of different algorithm subsets can share one
         output directory and be completed by a final ``--resume`` run over all of them.
         """
-        values = self.as_dict()
-        for key in ("algorithms", "checkpoint_every", "eval_shots", "eval_steps", "eval_tasks",
-                    "eval_query"):
-            del values[key]
-        return values
+        return self.shared_dict()
+
+
+QUICK = {"iterations": 2000, "eval_tasks": 200, "checkpoint_every": 500}
 
 
 def quick_config(**overrides: Any) -> SineConfig:
     """The README's main job: the full benchmark with fewer iterations and tasks."""
-    settings: dict[str, Any] = {"iterations": 2000, "eval_tasks": 200, "checkpoint_every": 500}
-    settings.update(overrides)
-    return SineConfig(**settings)
+    return SineConfig(**{**QUICK, **overrides})
+
+
+MODELS = {
+    "maml": {"hidden": [40, 40], "activation": "relu"},
+    "reptile": {"hidden": [64, 64], "activation": "tanh"},
+}
+# Keyword arguments of each learner beyond inner_lr and engine.
+LEARNER_OPTIONS: dict[str, dict[str, Any]] = {
+    "maml": {"inner_steps": 1},
+    "fomaml": {"inner_steps": 1},
+    "reptile": {"inner_steps": REPTILE_INNER_STEPS},
+    "metasgd": {"inner_steps": 1},
+    "anil": {"inner_steps": 1, "head": "head"},
+    "transfer": {},
+    "random": {},
+}
 
 
 def learner_spec(config: SineConfig, algorithm: str) -> dict[str, Any]:
     """Model and learner settings of ``algorithm`` (stored in its checkpoint)."""
-    if config.preset == "maml":
-        model: dict[str, Any] = {"hidden": [40, 40], "activation": "relu"}
-    else:
-        model = {"hidden": [64, 64], "activation": "tanh"}
-    learner: dict[str, Any] = {"inner_lr": config.inner_lr, "engine": config.engine}
-    if algorithm in ("maml", "fomaml", "metasgd", "anil"):
-        learner["inner_steps"] = 1
-    if algorithm == "reptile":
-        learner["inner_steps"] = REPTILE_INNER_STEPS
-    if algorithm == "anil":
-        learner["head"] = "head"
     return {
         "benchmark": "sine",
         "algorithm": algorithm,
-        "model": {"class": "SineMLP", "kwargs": model},
-        "learner": learner,
+        "model": {"class": "SineMLP", "kwargs": dict(MODELS[config.preset])},
+        "learner": {"inner_lr": config.inner_lr, "engine": config.engine,
+                    **LEARNER_OPTIONS[algorithm]},
     }
+
+
+def plan(config: SineConfig) -> list[RunPlan]:
+    """One run per algorithm, all on the same stream of tasks; ``random`` is not trained."""
+    return [
+        RunPlan(
+            name=algorithm,
+            algorithm=algorithm,
+            spec=learner_spec(config, algorithm),
+            iterations=0 if algorithm == "random" else config.iterations,
+            batches=lambda: training_batches(config),
+            training=config.training_dict(),
+            evaluation=config.as_dict(),
+            optimizer=adam(config.meta_lr),
+        )
+        for algorithm in config.algorithms
+    ]
 
 
 def _collate_all(dataset: Any, start: int, count: int) -> Task:
@@ -330,113 +340,23 @@ def run_sine(
     stop_after: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Meta-train, evaluate and write ``results.json``, ``results.md`` and the figures.
-
-    Args:
-        config: the benchmark settings.
-        out: output directory (checkpoints go to ``out/checkpoints``).
-        resume: continue from the checkpoints in ``out``.
-        progress: show progress lines.
-        plots: write the PNG figures (needs matplotlib).
-        stop: set by Ctrl-C; training stops after the current meta-iteration.
-        stop_after: stop each algorithm's training after this meta-iteration (for tests).
-        log: where status lines go.
-
-    Under ``torchrun`` every process trains on its share of each meta-batch (see
-    :mod:`fastmeta.distributed`); only rank 0 writes checkpoints, evaluates and writes
-    results (the others return the training part of the results).
-
-    Returns:
-        The content of ``results.json``.
-
-    Raises:
-        FileExistsError: ``out`` holds checkpoints and ``resume`` is false.
-        TrainingDiverged: a meta-training run diverged (its last good checkpoint is kept).
-        Interrupted: stopped by ``stop``/``stop_after``; rerun with ``resume=True``.
-    """
-    if plots:
-        _plots.pyplot()  # fail before hours of training, not after
-    out = Path(out)
-    checkpoints = prepare_out(out, resume=resume)
-    started = time.perf_counter()
-    batches = training_batches(config)
-    results: dict[str, Any] = {
-        "benchmark": "sine",
-        "config": config.as_dict(),
-        "versions": versions(),
-        "algorithms": {},
-    }
-    learners: dict[str, MetaLearner] = {}
-    for algorithm in config.algorithms:
-        spec = learner_spec(config, algorithm)
-        learner = build_learner(spec, seed=config.seed).to(fmd.device())
-        optimizer = torch.optim.Adam(learner.parameters(), lr=config.meta_lr)
-        iterations = 0 if algorithm == "random" else config.iterations
-        run = TrainingRun(
-            algorithm,
-            learner,
-            optimizer,
-            iterations,
-            batches,
-            checkpoints / f"{algorithm}.pt",
-            spec,
-            config.training_dict(),
-            metadata={"config": config.as_dict()},
-        )
-        if iterations == 0:
-            record = save_untrained(run) if fmd.is_main_process() else TrainingRecord()
-        else:
-            record = train(
-                run,
-                resume=resume,
-                checkpoint_every=config.checkpoint_every,
-                progress=progress,
-                stop=stop,
-                stop_after=stop_after,
-            )
-            log(
-                f"{algorithm}: {record.iterations:,} meta-iterations, final meta-loss "
-                f"{record.loss_curve[-1][1]:.4f}, {record.ms_per_iteration:.2f} ms/iteration"
-            )
-        learners[algorithm] = learner
-        results["algorithms"][algorithm] = {
-            "spec": spec,
-            "checkpoint": str(run.checkpoint.relative_to(out)),
-            "training": _training_summary(record),
-        }
-    if not fmd.is_main_process():
-        return results  # rank 0 evaluates and writes
-    for algorithm, learner in learners.items():
-        log(f"evaluating {algorithm} on {config.eval_tasks} held-out tasks")
-        results["algorithms"][algorithm]["evaluation"] = evaluate_learner(learner, config)
-    results["speed"] = _speed(results["algorithms"])
-    results["figures"] = _figures(learners, results, config, out) if plots else []
-    results["wall_seconds"] = time.perf_counter() - started
-    write_results(results, out)
-    return results
+    """``fastmeta bench sine``: :func:`fastmeta.bench.run_benchmark` of this benchmark."""
+    return run_benchmark(BENCHMARK, config, out, resume=resume, progress=progress, plots=plots,
+                         stop=stop, stop_after=stop_after, log=log)
 
 
-def _training_summary(record: TrainingRecord) -> dict[str, Any]:
-    return {
-        "iterations": record.iterations,
-        "seconds": record.seconds,
-        "ms_per_iteration": record.ms_per_iteration,
-        "final_meta_loss": record.loss_curve[-1][1] if record.loss_curve else None,
-        "loss_curve": record.loss_curve,
-    }
-
-
-def _speed(algorithms: dict[str, Any]) -> dict[str, Any]:
+def _speed(results: dict[str, Any]) -> dict[str, Any]:
+    algorithms = results["algorithms"]
     ms = {name: entry["training"]["ms_per_iteration"] for name, entry in algorithms.items()}
     speed: dict[str, Any] = {"ms_per_iteration": ms}
     if ms.get("maml") and ms.get("fomaml"):
         speed["first_order_over_second_order"] = ms["fomaml"] / ms["maml"]
-    return speed
+    return {"speed": speed}
 
 
 def _figures(
     learners: dict[str, MetaLearner], results: dict[str, Any], config: SineConfig, out: Path
-) -> list[str]:
+) -> list[Path]:
     panels = {
         f"K = {shots}": {
             name: entry["evaluation"]["curves"][str(shots)]
@@ -467,7 +387,7 @@ def _figures(
             f" {config.eval_steps} steps",
         )
     )
-    return [str(path.relative_to(out)) for path in paths]
+    return paths
 
 
 def _number(value: float | str) -> str:
@@ -477,24 +397,67 @@ def _number(value: float | str) -> str:
 
 
 def fit_figure(
-    learners: dict[str, MetaLearner], config: SineConfig, out: Path, *, name: str = "fits.png"
+    learners: dict[str, MetaLearner],
+    config: SineConfig,
+    out: Path,
+    *,
+    name: str = "fits.png",
+    shots: int | None = None,
 ) -> Path:
-    """Fits to the wave A = 4, phase = 1 from K = ``train_shots`` points, before and after."""
+    """Fits to the wave A = 4, phase = 1 from K = ``shots`` points (default ``train_shots``)."""
+    shots = config.train_shots if shots is None else shots
     steps = tuple(sorted({0, 1, config.eval_steps}))
-    task = fit_task(config, config.train_shots, (-5.0, 5.0))
+    task = fit_task(config, shots, (-5.0, 5.0))
     sign = "-" if config.preset == "maml" else "+"
     return _plots.fits(
         {label: _fit_panel(learner, task, steps) for label, learner in learners.items()},
         out / name,
         title=f"Fits to y = {FIT_AMPLITUDE:g}·sin(x {sign} {FIT_PHASE:g}) from K = "
-        f"{config.train_shots} points",
+        f"{shots} points",
     )
 
 
-def write_results(results: dict[str, Any], out: Path) -> None:
-    """Write ``results.json`` and ``results.md`` into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    results = json_ready(results)
-    text = json.dumps(results, indent=1, allow_nan=False)
-    (out / "results.json").write_text(text + "\n")
-    (out / "results.md").write_text(markdown(results))
+def _eval_text(algorithm: str, evaluation: dict[str, Any], config: SineConfig) -> str:
+    curves = {f"K={k}": evaluation["curves"][str(k)] for k in config.eval_shots}
+    robustness = evaluation["robustness"]
+    return (
+        curve_table(algorithm, "query MSE", curves)
+        + f"\n{algorithm}, robustness ({ROBUSTNESS_SHOTS} points from "
+        f"{list(ROBUSTNESS_RANGE)}, {config.eval_steps} steps): {format_cell(robustness, digits=4)}"
+    )
+
+
+def _eval_figures(learner: MetaLearner, algorithm: str, evaluation: dict[str, Any],
+                  config: SineConfig, directory: Path) -> list[Path]:
+    panels = {f"K={k}": {algorithm: evaluation["curves"][str(k)]} for k in config.eval_shots}
+    curves = _plots.curves(
+        panels, directory / f"eval_{algorithm}_curves.png",
+        ylabel="query MSE, median over tasks",
+        title=f"{algorithm}: fine-tuning on {config.eval_tasks} held-out tasks",
+        log=True, median=True,
+    )
+    fits = [
+        fit_figure({algorithm: learner}, config, directory, shots=shots,
+                   name=f"eval_{algorithm}_fits_K{shots}.png")
+        for shots in config.eval_shots
+    ]
+    return [curves, *fits]
+
+
+BENCHMARK = Benchmark(
+    name="sine",
+    help="sine-wave regression: the MAML paper's protocol",
+    description="Meta-train each algorithm on sine-wave tasks and evaluate them all on the "
+    "same held-out tasks. Defaults: the MAML paper (Finn et al. 2017, section 5.1).",
+    config=SineConfig,
+    quick=QUICK,
+    plan=plan,
+    evaluate=lambda learner, algorithm, config: evaluate_learner(learner, config),
+    markdown=markdown,
+    figures=_figures,
+    figure_names=("fine_tuning_curves.png", "fits.png", "robustness.png"),
+    summary=_speed,
+    eval_options={"shots": "eval_shots", "steps": "eval_steps", "tasks": "eval_tasks"},
+    eval_text=_eval_text,
+    eval_figures=_eval_figures,
+)

@@ -389,12 +389,19 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
     Pillow (``pip install 'fastmeta[images]'``) into float tensors ``[C, H, W]``
     in ``[0, 1]``.
 
+    A class folder without images is an error (as in torchvision's ``ImageFolder``):
+    skipping it would shift the index of every later class, and with it the class
+    splits. An image that cannot be decoded raises ``OSError`` naming its path, when it
+    is read, or at construction with ``verify=True``.
+
     Args:
         root: The top folder.
         image_size: Resize every image to ``size`` or ``(height, width)``.
         mode: Pillow mode: ``"L"`` (grey, 1 channel) or ``"RGB"`` (3 channels).
         extensions: File suffixes counted as images.
         dtype: Floating dtype of the image tensors (default ``torch.float32``).
+        verify: Decode every image once at construction, so that a corrupt or
+            truncated file fails now, naming its path, instead of mid-training.
 
     Attributes:
         classes: Class names, relative paths such as ``"Greek/character03"``.
@@ -403,7 +410,8 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
 
     Raises:
         FileNotFoundError: If ``root`` is not a folder.
-        ValueError: If no class folder holds an image.
+        ValueError: If no class folder holds an image, or a class folder is empty.
+        OSError: With ``verify=True``, if an image cannot be decoded.
     """
 
     def __init__(
@@ -414,6 +422,7 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
         mode: str = "L",
         extensions: Sequence[str] = (".png",),
         dtype: torch.dtype = torch.float32,
+        verify: bool = False,
     ) -> None:
         if mode not in ("L", "RGB"):
             raise ValueError(f"mode must be 'L' (grey) or 'RGB', got {mode!r}")
@@ -447,36 +456,61 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
                 "root/alphabet/character/*.png or root/class/*.png"
             )
         self.targets = [label for _, label in self.samples]
+        if verify:
+            for index in range(len(self.samples)):
+                self._read(index)
 
     def _images_in(self, folder: Path) -> list[Path]:
         return sorted(
             p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in self.extensions
         )
 
+    def _empty_class(self, folder: Path) -> ValueError:
+        return ValueError(
+            f"class folder {str(folder)!r} holds no {'/'.join(self.extensions)} images; add "
+            f"its images or remove the folder (skipping it would shift the index of every "
+            f"later class, and the class splits with it)"
+        )
+
     def _class_folders(self) -> list[Path]:
+        """Folders holding images directly, or else each sub-folder of a top folder."""
         folders = []
         for child in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            if self._images_in(child):
-                folders.append(child)
+            subfolders = sorted(p for p in child.iterdir() if p.is_dir())
+            if self._images_in(child) or not subfolders:
+                folders.append(child)  # a class of the flat layout (empty: error below)
             else:
-                folders.extend(
-                    sub
-                    for sub in sorted(p for p in child.iterdir() if p.is_dir())
-                    if self._images_in(sub)
-                )
+                folders.extend(subfolders)  # the characters of an alphabet
+        if not any(self._images_in(folder) for folder in folders):
+            return []
+        for folder in folders:
+            if not self._images_in(folder):
+                raise self._empty_class(folder)
         return folders
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def _read(self, index: int) -> np.ndarray:
+        """Pixels of image ``index`` in ``[0, 1]``; ``OSError`` naming the file if unreadable."""
         path, label = self.samples[index]
-        with self._image.open(path) as image:
-            image = image.convert(self.mode)
-            if self.image_size is not None:
-                height, width = self.image_size
-                image = image.resize((width, height), self._image.Resampling.BILINEAR)
-            array = np.asarray(image, dtype=np.float32) / 255.0
+        try:
+            with self._image.open(path) as image:
+                image = image.convert(self.mode)
+                if self.image_size is not None:
+                    height, width = self.image_size
+                    image = image.resize((width, height), self._image.Resampling.BILINEAR)
+                return np.asarray(image, dtype=np.float32) / 255.0
+        except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for bad files
+            raise OSError(
+                f"cannot read image {str(path)!r} (class {self.classes[label]!r}): "
+                f"{type(error).__name__}: {error}; replace or remove the file "
+                f"(ImageFolderDataset(..., verify=True) checks every image up front)"
+            ) from error
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        label = self.samples[index][1]
+        array = self._read(index)
         pixels = torch.from_numpy(array)
         pixels = pixels.unsqueeze(0) if pixels.dim() == 2 else pixels.permute(2, 0, 1)
         return pixels.to(self.dtype).contiguous(), label
@@ -516,11 +550,13 @@ class FewShotImageFolder(FewShotDataset):
             mapping from split name to class names (``"alphabet/character"``).
         split_seed: Seed of the class split; keep it equal across the three splits.
         seed: Seed of the per-task sample choices.
+        verify: Decode every image at construction (see ``ImageFolderDataset``).
 
     Raises:
         ValueError: If a class folder has fewer images than the ``ClassSplitter``
-            takes, a split has fewer classes than ``num_classes_per_task``, or
-            no images are found.
+            takes or none at all, a split has fewer classes than
+            ``num_classes_per_task``, or no images are found.
+        OSError: With ``verify=True``, if an image cannot be decoded.
 
     Example:
         >>> tasks = FewShotImageFolder("omniglot/images_background", 5, meta_split="train",
@@ -548,8 +584,11 @@ class FewShotImageFolder(FewShotDataset):
         class_splits: ClassSplits = DEFAULT_CLASS_SPLITS,
         split_seed: int = 0,
         seed: int | None = None,
+        verify: bool = False,
     ) -> None:
-        images = ImageFolderDataset(root, image_size=image_size, mode=mode, dtype=dtype)
+        images = ImageFolderDataset(
+            root, image_size=image_size, mode=mode, dtype=dtype, verify=verify
+        )
         if isinstance(class_splits, Mapping):  # accept class names for convenience
             index = {name: i for i, name in enumerate(images.classes)}
             class_splits = {
