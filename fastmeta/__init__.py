@@ -25,7 +25,15 @@ from ._learner import (
     MetaStepResult,
 )
 from ._task import Task
-from .algorithms import ANIL, DAML, FOMAML, MAML, JointTraining, MetaSGD, Reptile
+from .algorithms import (
+    ANIL,
+    DAML,
+    FOMAML,
+    MAML,
+    JointTraining,
+    MetaSGD,
+    Reptile,
+)
 
 try:
     __version__ = version("fastmeta")

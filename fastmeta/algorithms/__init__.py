@@ -9,4 +9,6 @@ from .maml import FOMAML, MAML
 from .meta_sgd import MetaSGD
 from .reptile import Reptile
 
-__all__ = ["ANIL", "DAML", "FOMAML", "JointTraining", "MAML", "MetaSGD", "Reptile"]
+__all__ = [
+    "ANIL", "DAML", "FOMAML", "JointTraining", "MAML", "MetaSGD", "Reptile",
+]
