@@ -31,6 +31,7 @@ from .algorithms import (
     FOMAML,
     MAML,
     JointTraining,
+    MAMLPlusPlus,
     MetaSGD,
     Reptile,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "FOMAML",
     "INNER_OPTIMIZERS",
     "MAML",
+    "MAMLPlusPlus",
     "AdaptedModel",
     "AdaptedTasks",
     "DivergenceError",

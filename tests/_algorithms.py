@@ -46,6 +46,11 @@ def _daml(model: nn.Module, **options: Any) -> fastmeta.MetaLearner:
                          inner_steps=2, **options)
 
 
+def _maml_plus_plus(model: nn.Module, **options: Any) -> fastmeta.MetaLearner:
+    return fastmeta.MAMLPlusPlus(model, inner_lr=0.01, inner_steps=2,
+                                 per_step_batch_norm=_has_batch_norm(model), **options)
+
+
 ALGORITHMS: dict[str, Algorithm] = {
     "maml": Algorithm(lambda m, **o: fastmeta.MAML(m, inner_lr=0.01, inner_steps=2, **o),
                       exact=True),
@@ -57,6 +62,7 @@ ALGORITHMS: dict[str, Algorithm] = {
     "anil": Algorithm(lambda m, **o: fastmeta.ANIL(m, head="head", inner_lr=0.01,
                                                    inner_steps=2, **o), exact=True),
     "daml": Algorithm(_daml, exact=True),
+    "maml++": Algorithm(_maml_plus_plus, exact=True),
     "joint": Algorithm(lambda m, **o: fastmeta.JointTraining(m, inner_lr=0.01, inner_steps=2,
                                                             **o), baseline=True),
 }

@@ -6,9 +6,10 @@ from .anil import ANIL
 from .daml import DAML
 from .joint import JointTraining
 from .maml import FOMAML, MAML
+from .maml_plus_plus import MAMLPlusPlus
 from .meta_sgd import MetaSGD
 from .reptile import Reptile
 
 __all__ = [
-    "ANIL", "DAML", "FOMAML", "JointTraining", "MAML", "MetaSGD", "Reptile",
+    "ANIL", "DAML", "FOMAML", "JointTraining", "MAML", "MAMLPlusPlus", "MetaSGD", "Reptile",
 ]
