@@ -63,6 +63,8 @@ ALGORITHMS: dict[str, Algorithm] = {
                                                    inner_steps=2, **o), exact=True),
     "daml": Algorithm(_daml, exact=True),
     "maml++": Algorithm(_maml_plus_plus, exact=True),
+    "imaml": Algorithm(lambda m, **o: fastmeta.IMAML(m, inner_lr=0.01, inner_steps=2, lam=1.0,
+                                                     **o)),
     "joint": Algorithm(lambda m, **o: fastmeta.JointTraining(m, inner_lr=0.01, inner_steps=2,
                                                             **o), baseline=True),
 }

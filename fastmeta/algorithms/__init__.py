@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .anil import ANIL
 from .daml import DAML
+from .imaml import IMAML
 from .joint import JointTraining
 from .maml import FOMAML, MAML
 from .maml_plus_plus import MAMLPlusPlus
@@ -11,5 +12,6 @@ from .meta_sgd import MetaSGD
 from .reptile import Reptile
 
 __all__ = [
-    "ANIL", "DAML", "FOMAML", "JointTraining", "MAML", "MAMLPlusPlus", "MetaSGD", "Reptile",
+    "ANIL", "DAML", "FOMAML", "IMAML", "JointTraining", "MAML", "MAMLPlusPlus", "MetaSGD",
+    "Reptile",
 ]
