@@ -23,21 +23,21 @@ from torch import nn
 import fastmeta
 
 
-def sine() -> tuple[nn.Module, fastmeta.Task, dict[str, object]]:
-    task = fastmeta.Task(torch.randn(25, 10, 1), torch.randn(25, 10, 1),
+def sine() -> tuple[nn.Module, fastmeta.TaskBatch, dict[str, object]]:
+    task = fastmeta.TaskBatch(torch.randn(25, 10, 1), torch.randn(25, 10, 1),
                          torch.randn(25, 10, 1), torch.randn(25, 10, 1))
     return fastmeta.models.SineMLP(), task, {"inner_lr": 0.01}
 
 
-def conv4(quick: bool) -> Callable[[], tuple[nn.Module, fastmeta.Task, dict[str, object]]]:
-    def build() -> tuple[nn.Module, fastmeta.Task, dict[str, object]]:
+def conv4(quick: bool) -> Callable[[], tuple[nn.Module, fastmeta.TaskBatch, dict[str, object]]]:
+    def build() -> tuple[nn.Module, fastmeta.TaskBatch, dict[str, object]]:
         tasks, hidden = (8, 32) if quick else (32, 64)
         x = torch.randn(tasks, 5, 1, 28, 28)
         y = torch.arange(5).repeat(tasks, 1)
         q = torch.randn(tasks, 25, 1, 28, 28)
         model = fastmeta.models.Conv4(in_channels=1, num_classes=5, hidden=hidden,
                                       image_size=28)
-        return model, fastmeta.Task(x, y, q, torch.arange(5).repeat_interleave(5).repeat(
+        return model, fastmeta.TaskBatch(x, y, q, torch.arange(5).repeat_interleave(5).repeat(
             tasks, 1)), {"inner_lr": 0.4, "loss_fn": "cross_entropy"}
 
     return build
@@ -55,14 +55,14 @@ class _Transformer(nn.Module):
         return self.head(self.encoder(self.embed(ids)).mean(1))
 
 
-def transformer() -> tuple[nn.Module, fastmeta.Task, dict[str, object]]:
+def transformer() -> tuple[nn.Module, fastmeta.TaskBatch, dict[str, object]]:
     ids = torch.randint(1, 50, (4, 5, 16))
     labels = torch.arange(5).repeat(4, 1)
-    return _Transformer(), fastmeta.Task(ids, labels, ids, labels), {
+    return _Transformer(), fastmeta.TaskBatch(ids, labels, ids, labels), {
         "inner_lr": 0.1, "loss_fn": "cross_entropy"}
 
 
-def measure(build: Callable[[], tuple[nn.Module, fastmeta.Task, dict[str, object]]],
+def measure(build: Callable[[], tuple[nn.Module, fastmeta.TaskBatch, dict[str, object]]],
             repeats: int) -> tuple[float, float, str]:
     torch.manual_seed(0)
     model, task, options = build()

@@ -140,7 +140,7 @@ def case_key(case: tuple[int, bool]) -> str:
 
 def sine_batch(
     seed: int, tasks: int = META_BATCH, shots: int = SHOTS, query: int = QUERY
-) -> fastmeta.Task:
+) -> fastmeta.TaskBatch:
     """A meta-batch of sine regression tasks, as in the MAML paper.
 
     Amplitude ~ U[0.1, 5], phase ~ U[0, π], x ~ U[-5, 5], y = A·sin(x − φ).
@@ -152,14 +152,14 @@ def sine_batch(
         query: query points per task.
 
     Returns:
-        A ``fastmeta.Task`` of float32 tensors ``[tasks, points, 1]``.
+        A ``fastmeta.TaskBatch`` of float32 tensors ``[tasks, points, 1]``.
     """
     g = torch.Generator().manual_seed(seed)
     amplitude = torch.empty(tasks, 1, 1).uniform_(0.1, 5.0, generator=g)
     phase = torch.empty(tasks, 1, 1).uniform_(0.0, math.pi, generator=g)
     x = torch.empty(tasks, shots + query, 1).uniform_(-5.0, 5.0, generator=g)
     y = amplitude * torch.sin(x - phase)
-    return fastmeta.Task(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
+    return fastmeta.TaskBatch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
 
 
 def initial_model() -> nn.Module:

@@ -48,7 +48,7 @@ class SequenceRegressor(nn.Module):
         return self.out(hidden[:, -1])
 
 
-def image_tasks(tasks: int, shots: int, generator: torch.Generator) -> fastmeta.Task:
+def image_tasks(tasks: int, shots: int, generator: torch.Generator) -> fastmeta.TaskBatch:
     """3-way tasks: each class is a random 6x6 prototype plus noise; labels shuffled."""
     prototypes = torch.randn(tasks, 3, 1, 6, 6, generator=generator)
 
@@ -57,10 +57,10 @@ def image_tasks(tasks: int, shots: int, generator: torch.Generator) -> fastmeta.
         x = prototypes[:, labels] + 0.5 * torch.randn(tasks, 3 * n, 1, 6, 6, generator=generator)
         return x, labels.expand(tasks, -1)
 
-    return fastmeta.Task(*draw(shots), *draw(5))
+    return fastmeta.TaskBatch(*draw(shots), *draw(5))
 
 
-def sequence_tasks(tasks: int, shots: int, generator: torch.Generator) -> fastmeta.Task:
+def sequence_tasks(tasks: int, shots: int, generator: torch.Generator) -> fastmeta.TaskBatch:
     """Next-value prediction of sine sequences whose frequency is fixed per task."""
     frequency = 0.5 + torch.rand(tasks, 1, 1, generator=generator)
 
@@ -70,7 +70,7 @@ def sequence_tasks(tasks: int, shots: int, generator: torch.Generator) -> fastme
         values = torch.sin(frequency * t)
         return values[..., :8, None], values[..., 8:]
 
-    return fastmeta.Task(*draw(shots), *draw(10))
+    return fastmeta.TaskBatch(*draw(shots), *draw(10))
 
 
 def main() -> None:

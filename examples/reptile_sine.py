@@ -50,7 +50,7 @@ def main() -> None:
     for iteration in range(iterations):
         task = train[iteration]
         y = task.evaluate(grid)
-        learner.meta_step(fastmeta.Task(grid[None], y[None], grid[None], y[None]), optimizer)
+        learner.meta_step(fastmeta.TaskBatch(grid[None], y[None], grid[None], y[None]), optimizer)
         schedule.step()
         if (iteration + 1) % max(1, iterations // 5) == 0:
             print(f"  iteration {iteration + 1:>6}  "
@@ -61,7 +61,7 @@ def main() -> None:
     tasks = [held_out[i] for i in range(len(held_out))]
     x = torch.stack([t.inputs for t in tasks]).float()
     y = torch.stack([t.targets for t in tasks]).float()
-    test = fastmeta.Task(x[:, :10], y[:, :10], x[:, 10:], y[:, 10:])
+    test = fastmeta.TaskBatch(x[:, :10], y[:, :10], x[:, 10:], y[:, 10:])
     steps = list(range(0, 33, 4))
     print("\nMSE over the whole wave on 100 held-out tasks, 10 support points, SGD 0.02:")
     print("  steps      " + "".join(f"{s:>7}" for s in steps))

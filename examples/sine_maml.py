@@ -27,7 +27,7 @@ from fastmeta.data import BatchMetaDataLoader, sinusoid
 
 
 def evaluate(
-    learner: fastmeta.MetaLearner, batch: fastmeta.Task, steps: tuple[int, ...]
+    learner: fastmeta.MetaLearner, batch: fastmeta.TaskBatch, steps: tuple[int, ...]
 ) -> list[float]:
     """Mean query MSE after each number of inner SGD steps, over the tasks of ``batch``."""
     losses = torch.zeros(len(steps))
@@ -65,7 +65,7 @@ def main() -> None:
     untrained = fastmeta.MAML(fastmeta.models.SineMLP(), inner_lr=0.01)
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
     held_out_tasks = sinusoid(shots, test_shots=shots, preset="maml", seed=args.seed + 1)
-    held_out = fastmeta.Task(*(t for part in next(iter(BatchMetaDataLoader(
+    held_out = fastmeta.TaskBatch(*(t for part in next(iter(BatchMetaDataLoader(
         held_out_tasks, batch_size=100))).values() for t in part))
 
     if args.load:

@@ -24,7 +24,7 @@ from ._learner import (
     MetaLearner,
     MetaStepResult,
 )
-from ._task import Task
+from ._task import TaskBatch
 from .algorithms import (
     ANIL,
     DAML,
@@ -36,6 +36,8 @@ from .algorithms import (
     MetaSGD,
     Reptile,
 )
+
+Task = TaskBatch  # the former name, kept so that existing code runs
 
 try:
     __version__ = version("fastmeta")
@@ -60,6 +62,7 @@ __all__ = [
     "MetaStepResult",
     "Reptile",
     "Task",
+    "TaskBatch",
     "__version__",
     "distributed",
     "gradcheck",

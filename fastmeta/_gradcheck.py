@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ._learner import MetaLearner
-from ._task import Task, as_task
+from ._task import TaskBatch, as_task
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class GradcheckReport:
 
 def gradcheck(
     learner: MetaLearner,
-    batch: Task | Mapping[str, Any],
+    batch: TaskBatch | Mapping[str, Any],
     *,
     eps: float = 1e-6,
     max_elements: int = 20,
@@ -96,7 +96,7 @@ def gradcheck(
             f"the same model with first_order=False, e.g. fastmeta.MAML(model, ...)"
         )
     reference = copy.deepcopy(learner).double()
-    task = Task(*(  # type: ignore[arg-type]
+    task = TaskBatch(*(  # type: ignore[arg-type]
         t.double() if t is not None and t.is_floating_point() else t for t in as_task(batch)
     ))
 

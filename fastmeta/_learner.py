@@ -18,7 +18,7 @@ from torch.func import functional_call
 
 from ._inner_optim import InnerOptimizer, resolve_inner_optimizer
 from ._objectives import SupervisedLoss
-from ._task import Task, as_task, single_task, to_model
+from ._task import TaskBatch, as_task, single_task, to_model
 from .engines import (
     Adaptation,
     AutoEngine,
@@ -339,7 +339,7 @@ class MetaLearner(nn.Module):
         return EngineDecision(self.engine, "chosen explicitly (engine=...)")
 
     def _check_engine(
-        self, kind: str, make_task: Callable[[], Task], *, steps: int | None = None,
+        self, kind: str, make_task: Callable[[], TaskBatch], *, steps: int | None = None,
         agree: Callable[[int], int] | None = None,
     ) -> None:
         """Before the first call of ``kind``, let ``engine="auto"`` compare its engines."""
@@ -347,7 +347,7 @@ class MetaLearner(nn.Module):
         if not isinstance(engine, AutoEngine) or not engine.needs_check(kind) or steps == 0:
             return
         try:
-            task: Task | None = make_task()
+            task: TaskBatch | None = make_task()
         except Exception:
             if agree is None:
                 raise
@@ -355,7 +355,7 @@ class MetaLearner(nn.Module):
         engine.check(kind, partial(self._probe, kind, task, steps), agree)
 
     def _probe(
-        self, kind: str, task: Task | None, steps: int | None, engine: Engine,
+        self, kind: str, task: TaskBatch | None, steps: int | None, engine: Engine,
         dtype: torch.dtype | None,
     ) -> dict[str, Tensor]:
         """This learner's computation on a copy of itself, run by ``engine``.
@@ -368,10 +368,10 @@ class MetaLearner(nn.Module):
             raise ValueError("no task to probe")
         memo = {id(self._engine): engine, id(self.meta_gradient_sync): None}
         clone = copy.deepcopy(self, memo)
-        first = Task(*(None if t is None else t[:2] for t in task))  # type: ignore[arg-type]
+        first = TaskBatch(*(None if t is None else t[:2] for t in task))  # type: ignore[arg-type]
         if dtype is not None:
             clone = clone.to(dtype)
-            first = Task(*(  # type: ignore[arg-type]
+            first = TaskBatch(*(  # type: ignore[arg-type]
                 t.to(dtype) if t is not None and t.is_floating_point() else t for t in first
             ))
         devices = sorted({p.device.index or 0 for p in clone.parameters() if p.is_cuda})
@@ -401,7 +401,7 @@ class MetaLearner(nn.Module):
         """``rates(step)``: the learning rate of each adapted parameter (``inner_lr``)."""
         return ConstantRates(self.inner_lr)
 
-    def support_schedule(self, task: Task, steps: int) -> Tensor | None:
+    def support_schedule(self, task: TaskBatch, steps: int) -> Tensor | None:
         """Support minibatch indices ``[tasks, steps, batch]``, or ``None`` (full batch)."""
         return None
 
@@ -417,7 +417,7 @@ class MetaLearner(nn.Module):
         """How the meta-gradient sees the inner loop (second or first order)."""
         return MetaGrad.FIRST_ORDER if self.first_order else MetaGrad.SECOND_ORDER
 
-    def inner_loop(self, task: Task, steps: int) -> InnerLoop:
+    def inner_loop(self, task: TaskBatch, steps: int) -> InnerLoop:
         """The inner loop of ``steps`` steps for the tasks of ``task``, from the parts above."""
         return InnerLoop(
             adapted=self.adapted_names(),
@@ -429,7 +429,7 @@ class MetaLearner(nn.Module):
             step_params=self.step_parameters(),
         )
 
-    def meta_gradient(self, task: Task) -> MetaLosses:
+    def meta_gradient(self, task: TaskBatch) -> MetaLosses:
         """Add this learner's meta-gradient on ``task`` to ``.grad``; return the losses.
 
         The unrolled meta-gradient (second or first order, :meth:`meta_gradient_order`);
@@ -454,18 +454,18 @@ class MetaLearner(nn.Module):
     def _reference(self) -> Tensor:
         return next(p for p in self.module.parameters())
 
-    def prepare(self, batch: Task | Mapping[str, Any]) -> Task:
+    def prepare(self, batch: TaskBatch | Mapping[str, Any]) -> TaskBatch:
         """Validate ``batch`` and move it to the model's device and dtype, as every call does.
 
         Args:
             batch: as for :meth:`meta_step`.
 
         Returns:
-            The :class:`fastmeta.Task` the engines run.
+            The :class:`fastmeta.TaskBatch` the engines run.
         """
         return self._check_support_targets(to_model(as_task(batch), self._reference()))
 
-    def _check_support_targets(self, task: Task) -> Task:
+    def _check_support_targets(self, task: TaskBatch) -> TaskBatch:
         if task.support_y is None and isinstance(self.inner_objective(), SupervisedLoss):
             raise ValueError(
                 f"the support set has no targets (support_y is None: the batch's support "
@@ -476,7 +476,7 @@ class MetaLearner(nn.Module):
             )
         return task
 
-    def meta_loss(self, batch: Task | Mapping[str, Any]) -> Tensor:
+    def meta_loss(self, batch: TaskBatch | Mapping[str, Any]) -> Tensor:
         """Mean query loss after adaptation, differentiable w.r.t. the meta-parameters.
 
         ``meta_step`` is the usual entry point; this is for custom outer loops and for
@@ -491,7 +491,7 @@ class MetaLearner(nn.Module):
         return losses.objectives.mean()
 
     def meta_step(
-        self, batch: Task | Mapping[str, Any], optimizer: torch.optim.Optimizer
+        self, batch: TaskBatch | Mapping[str, Any], optimizer: torch.optim.Optimizer
     ) -> MetaStepResult:
         """One outer update: adapt to every task, then step ``optimizer`` on the meta-loss.
 
@@ -503,7 +503,7 @@ class MetaLearner(nn.Module):
 
         Args:
             batch: ``{"train": [x, y], "test": [x, y]}`` (or ``support``/``query``) with
-                tensors ``[tasks, shots, ...]``, or a :class:`fastmeta.Task`.
+                tensors ``[tasks, shots, ...]``, or a :class:`fastmeta.TaskBatch`.
             optimizer: the user's outer optimiser over ``learner.parameters()``.
 
         Returns:
@@ -516,7 +516,7 @@ class MetaLearner(nn.Module):
             return self._meta_step(batch, optimizer)
 
     def _meta_step(
-        self, batch: Task | Mapping[str, Any], optimizer: torch.optim.Optimizer
+        self, batch: TaskBatch | Mapping[str, Any], optimizer: torch.optim.Optimizer
     ) -> MetaStepResult:
         sync = self.meta_gradient_sync
         agree = getattr(sync, "agree", None)
@@ -567,7 +567,7 @@ class MetaLearner(nn.Module):
         return AdaptedTasks(self.module, output.params, output.buffers, output.support_losses)[0]
 
     def adapt_many(
-        self, batch: Task | Mapping[str, Any], *, steps: int | None = None
+        self, batch: TaskBatch | Mapping[str, Any], *, steps: int | None = None
     ) -> AdaptedTasks:
         """Fine-tune on the support set of every task of ``batch`` at once.
 
@@ -592,7 +592,7 @@ class MetaLearner(nn.Module):
         output = self._adapt(task, steps)
         return AdaptedTasks(self.module, output.params, output.buffers, output.support_losses)
 
-    def _adapt(self, task: Task, steps: int) -> Adaptation:
+    def _adapt(self, task: TaskBatch, steps: int) -> Adaptation:
         with torch.enable_grad():
             output = self._engine.adapt(self.module, task, self.inner_loop(task, steps))
         if not torch.isfinite(output.support_losses).all():

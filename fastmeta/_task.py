@@ -12,8 +12,11 @@ _SUPPORT_KEYS = ("support", "train")
 _QUERY_KEYS = ("query", "test")
 
 
-class Task(NamedTuple):
+class TaskBatch(NamedTuple):
     """A meta-batch of tasks: support (inner-loop) and query (outer-loop) examples.
+
+    (``fastmeta.Task`` is the same class under its former name; ``fastmeta.data.Task`` is
+    torchmeta's dataset of one task's examples.)
 
     Every tensor has a leading task dimension: ``support_x`` is ``[tasks, shots, ...]``,
     ``support_y`` is ``[tasks, shots, ...]``, and likewise for the query set.
@@ -21,7 +24,7 @@ class Task(NamedTuple):
     learned inner loss (:class:`fastmeta.DAML`) can adapt on.
 
     Example:
-        >>> task = Task(torch.randn(4, 10, 1), torch.randn(4, 10, 1),
+        >>> task = TaskBatch(torch.randn(4, 10, 1), torch.randn(4, 10, 1),
         ...             torch.randn(4, 15, 1), torch.randn(4, 15, 1))
         >>> task.num_tasks
         4
@@ -68,41 +71,43 @@ def _pair(batch: Mapping[str, Any], keys: tuple[str, ...], role: str) -> tuple[A
     return value[0], value[1]
 
 
-def as_task(batch: Task | Mapping[str, Any] | Sequence[Tensor]) -> Task:
-    """Turn a torchmeta-style batch (or a 4-tuple) into a :class:`Task` and validate it.
+def as_task(batch: TaskBatch | Mapping[str, Any] | Sequence[Tensor]) -> TaskBatch:
+    """Turn a torchmeta-style batch (or a 4-tuple) into a :class:`TaskBatch` and validate it.
 
     Args:
         batch: ``{"train": [x, y], "test": [x, y]}`` (keys ``support``/``query`` also
-            accepted), a :class:`Task`, or a tuple ``(support_x, support_y, query_x, query_y)``.
+            accepted), a :class:`TaskBatch`, or a tuple
+            ``(support_x, support_y, query_x, query_y)``.
             An unlabelled support set is ``"train": [x]`` (or ``x``, or ``[x, None]``) and
             gives ``support_y=None``.
 
     Returns:
-        The validated :class:`Task`.
+        The validated :class:`TaskBatch`.
 
     Raises:
         KeyError: a support or query part is missing.
         TypeError: a part is not a tensor.
         ValueError: inconsistent task counts, example counts, or an empty support set.
     """
-    if isinstance(batch, Task):
+    if isinstance(batch, TaskBatch):
         task = batch
     elif isinstance(batch, Mapping):
-        task = Task(*_pair(batch, _SUPPORT_KEYS, "support"), *_pair(batch, _QUERY_KEYS, "query"))
+        task = TaskBatch(*_pair(batch, _SUPPORT_KEYS, "support"),
+                         *_pair(batch, _QUERY_KEYS, "query"))
     elif isinstance(batch, Sequence) and len(batch) == 4:
-        task = Task(*batch)
+        task = TaskBatch(*batch)
     else:
         raise TypeError(
-            f"batch must be a fastmeta.Task, a mapping {{'train': [x, y], 'test': [x, y]}} or "
+            f"batch must be a fastmeta.TaskBatch, a mapping {{'train': [x, y], 'test': [x, y]}} or "
             f"a tuple (support_x, support_y, query_x, query_y), got {type(batch).__name__}"
         )
     validate_task(task)
     return task
 
 
-def validate_task(task: Task) -> None:
+def validate_task(task: TaskBatch) -> None:
     """Check shapes: same task count everywhere, same example count for x and y."""
-    for name, value in zip(Task._fields, task):
+    for name, value in zip(TaskBatch._fields, task):
         if value is None and name == "support_y":
             continue
         if not isinstance(value, Tensor):
@@ -133,7 +138,7 @@ def validate_task(task: Task) -> None:
         )
 
 
-def to_model(task: Task, reference: Tensor) -> Task:
+def to_model(task: TaskBatch, reference: Tensor) -> TaskBatch:
     """Move a task to the device of ``reference`` and cast floating tensors to its dtype.
 
     Integer targets (class labels) keep their dtype. torchmeta's toy datasets yield
@@ -146,11 +151,11 @@ def to_model(task: Task, reference: Tensor) -> Task:
         dtype = reference.dtype if value.is_floating_point() else value.dtype
         return value.to(device=reference.device, dtype=dtype)
 
-    return Task(*(move(value) for value in task))  # type: ignore[arg-type]
+    return TaskBatch(*(move(value) for value in task))  # type: ignore[arg-type]
 
 
-def single_task(x: Tensor, y: Tensor | None, name_x: str = "x", name_y: str = "y") -> Task:
-    """A one-task :class:`Task` from one task's support set (query = support).
+def single_task(x: Tensor, y: Tensor | None, name_x: str = "x", name_y: str = "y") -> TaskBatch:
+    """A one-task :class:`TaskBatch` from one task's support set (query = support).
 
     ``y=None`` gives an unlabelled support set; the query half then repeats the inputs
     as placeholder targets (``adapt`` never evaluates the query half).
@@ -163,7 +168,7 @@ def single_task(x: Tensor, y: Tensor | None, name_x: str = "x", name_y: str = "y
                 f"{name_x} must hold at least one example along dim 0, got shape {tuple(x.shape)}"
             )
         x = x.unsqueeze(0)
-        return Task(x, None, x, x)
+        return TaskBatch(x, None, x, x)
     if not isinstance(y, Tensor):
         raise TypeError(f"{name_y} must be a torch.Tensor, got {type(y).__name__}")
     if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
@@ -174,4 +179,4 @@ def single_task(x: Tensor, y: Tensor | None, name_x: str = "x", name_y: str = "y
     if x.shape[0] == 0:
         raise ValueError(f"{name_x} is empty: adapt needs at least one support example")
     x, y = x.unsqueeze(0), y.unsqueeze(0)
-    return Task(x, y, x, y)
+    return TaskBatch(x, y, x, y)

@@ -332,7 +332,7 @@ ZOO: dict[str, Entry] = {
 
 
 def draw_task(entry: Entry, *, tasks: int = 2, shots: int = 3, query: int = 3,
-              seed: int = 0) -> fastmeta.Task:
+              seed: int = 0) -> fastmeta.TaskBatch:
     """A float64 task batch for ``entry``: MSE targets or class labels."""
     g = torch.Generator().manual_seed(seed)
 
@@ -342,7 +342,7 @@ def draw_task(entry: Entry, *, tasks: int = 2, shots: int = 3, query: int = 3,
         return torch.randn(tasks, n, 1, generator=g, dtype=torch.float64)
 
     support_x, query_x = entry.inputs(g, tasks, shots), entry.inputs(g, tasks, query)
-    return fastmeta.Task(support_x, targets(shots), query_x, targets(query))
+    return fastmeta.TaskBatch(support_x, targets(shots), query_x, targets(query))
 
 
 def loss_of(entry: Entry) -> Callable[[Tensor, Tensor], Tensor]:
@@ -351,7 +351,7 @@ def loss_of(entry: Entry) -> Callable[[Tensor, Tensor], Tensor]:
 
 def reference_meta_gradient(
     model: nn.Module,
-    task: fastmeta.Task,
+    task: fastmeta.TaskBatch,
     *,
     algorithm: str,
     inner_lr: float,
@@ -401,7 +401,7 @@ def reference_meta_gradient(
 
 def finite_difference_check(
     model: nn.Module,
-    task: fastmeta.Task,
+    task: fastmeta.TaskBatch,
     gradient: dict[str, Tensor],
     meta_loss: Callable[[], Tensor],
     *,

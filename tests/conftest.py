@@ -21,14 +21,14 @@ def make_task(
     y_shape: tuple[int, ...] = (1,),
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
-) -> fastmeta.Task:
+) -> fastmeta.TaskBatch:
     """Random regression tasks with leading task dimension."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(n: int, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.randn(tasks, n, *shape, generator=g, dtype=dtype)
 
-    return fastmeta.Task(rand(shots, x_shape), rand(shots, y_shape), rand(query, x_shape),
+    return fastmeta.TaskBatch(rand(shots, x_shape), rand(shots, y_shape), rand(query, x_shape),
                          rand(query, y_shape))
 
 
@@ -40,5 +40,5 @@ def tiny_mlp(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Sequential
 
 
 @pytest.fixture
-def task64() -> fastmeta.Task:
+def task64() -> fastmeta.TaskBatch:
     return make_task(dtype=torch.float64)

@@ -186,7 +186,7 @@ def test_torch_func_refusals_choose_higher_once(verify):
         learner.meta_step(make_task(dtype=torch.float64), optimizer)
     assert learner.engine == "higher"
     with pytest.raises(ValueError, match="must agree on"):  # a later bad batch: no switching
-        learner.meta_step(fastmeta.Task(torch.zeros(2, 3, 1), torch.zeros(2, 4, 1),
+        learner.meta_step(fastmeta.TaskBatch(torch.zeros(2, 3, 1), torch.zeros(2, 4, 1),
                                         torch.zeros(2, 3, 1), torch.zeros(2, 3, 1)), optimizer)
     assert learner.engine == "higher"
 
@@ -266,7 +266,7 @@ def test_dropout_draws_its_own_mask_for_every_task(engine):
     learner = fastmeta.FOMAML(_dropout_model(), inner_lr=1e-9, engine=engine)
     tasks = 40
     ones = torch.ones(tasks, 1, 1, dtype=torch.float64)
-    result = learner.meta_step(fastmeta.Task(ones, 0 * ones, ones, 0 * ones),
+    result = learner.meta_step(fastmeta.TaskBatch(ones, 0 * ones, ones, 0 * ones),
                                torch.optim.SGD(learner.parameters(), lr=0.0))
     outputs = result.inner_losses[:, 0].sqrt()  # |mean of 2000 scaled Bernoulli(0.5)|
     assert learner.engine == ("vmap" if engine == "auto" else engine)

@@ -136,7 +136,7 @@ def test_resume_with_changed_training_settings_is_refused(tmp_path):
 
 def test_divergence_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
     learner = fastmeta.MAML(fastmeta.models.SineMLP(hidden=(8,)), inner_lr=0.01)
-    good = fastmeta.Task(*(torch.randn(2, 4, 1) for _ in range(4)))
+    good = fastmeta.TaskBatch(*(torch.randn(2, 4, 1) for _ in range(4)))
     poisoned = good._replace(query_y=torch.full((2, 4, 1), math.nan))
     run = TrainingRun(
         "maml", learner, torch.optim.Adam(learner.parameters(), lr=1e-3), 10,

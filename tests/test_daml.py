@@ -34,7 +34,7 @@ def daml(engine: str = "vmap", steps: int = 2, **kwargs) -> fastmeta.DAML:  # ty
                          **kwargs)
 
 
-def unlabelled(task: fastmeta.Task) -> dict:
+def unlabelled(task: fastmeta.TaskBatch) -> dict:
     return {"train": [task.support_x], "test": [task.query_x, task.query_y]}
 
 
@@ -56,7 +56,7 @@ def test_meta_gradient_reaches_model_and_loss_network_and_matches_finite_differe
     learner.loss_net = loss_net  # registered, so learner.parameters() includes it
     assert len([p for p in learner.parameters()]) == 10
     task = make_task(tasks=2, shots=3, query=4, dtype=torch.float64)
-    assert _gradcheck(learner, fastmeta.Task(task.support_x, None, task.query_x, task.query_y))
+    assert _gradcheck(learner, fastmeta.TaskBatch(task.support_x, None, task.query_x, task.query_y))
 
 
 def test_fastmeta_gradcheck_checks_daml_on_unlabelled_batches():
@@ -124,7 +124,7 @@ def test_support_targets_are_optional_in_every_spelling_and_ignored_when_given()
         {"train": task.support_x, "test": query},
         {"support": [task.support_x, None], "query": query},
         {"train": [task.support_x, task.support_y], "test": query},
-        fastmeta.Task(task.support_x, None, task.query_x, task.query_y),
+        fastmeta.TaskBatch(task.support_x, None, task.query_x, task.query_y),
     ]
     learner = daml()
     losses = [float(learner.meta_loss(batch).detach()) for batch in spellings]

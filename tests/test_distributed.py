@@ -140,7 +140,7 @@ def test_shard_bounds_split_unevenly_in_rank_order() -> None:
 def test_shard_keeps_the_form_of_the_batch() -> None:
     task = make_task(tasks=5)
     parts = [fmd.shard(task, rank=r, world_size=2) for r in range(2)]
-    assert all(isinstance(p, fastmeta.Task) for p in parts)
+    assert all(isinstance(p, fastmeta.TaskBatch) for p in parts)
     for field in range(4):
         assert torch.equal(torch.cat([p[field] for p in parts]), task[field])
     batch = OrderedDict(train=[task.support_x, task.support_y], test=[task.query_x, task.query_y])

@@ -16,7 +16,7 @@ def mlp() -> nn.Module:
     return fastmeta.models.SineMLP(hidden=(8,))
 
 
-def batch(task: fastmeta.Task) -> dict:
+def batch(task: fastmeta.TaskBatch) -> dict:
     return {"train": [task.support_x, task.support_y], "test": [task.query_x, task.query_y]}
 
 
@@ -148,7 +148,7 @@ def test_batch_part_must_be_a_pair():
 
 def test_support_inputs_and_targets_must_have_the_same_count():
     task = make_task(shots=4)
-    bad = fastmeta.Task(task.support_x, task.support_y[:, :3], task.query_x, task.query_y)
+    bad = fastmeta.TaskBatch(task.support_x, task.support_y[:, :3], task.query_x, task.query_y)
     learner = fastmeta.MAML(mlp(), inner_lr=0.1)
     with pytest.raises(ValueError, match=r"support_x and support_y must agree.*\(3, 4\).*\(3, 3\)"):
         learner.meta_step(bad, torch.optim.SGD(learner.parameters(), lr=0.1))
@@ -156,7 +156,7 @@ def test_support_inputs_and_targets_must_have_the_same_count():
 
 def test_support_and_query_task_counts_must_match():
     task = make_task(tasks=3)
-    bad = fastmeta.Task(task.support_x, task.support_y, task.query_x[:2], task.query_y[:2])
+    bad = fastmeta.TaskBatch(task.support_x, task.support_y, task.query_x[:2], task.query_y[:2])
     learner = fastmeta.MAML(mlp(), inner_lr=0.1)
     with pytest.raises(ValueError, match="3 support and 2 query tasks"):
         learner.meta_step(bad, torch.optim.SGD(learner.parameters(), lr=0.1))
@@ -164,7 +164,8 @@ def test_support_and_query_task_counts_must_match():
 
 def test_empty_support_set():
     task = make_task()
-    bad = fastmeta.Task(task.support_x[:, :0], task.support_y[:, :0], task.query_x, task.query_y)
+    bad = fastmeta.TaskBatch(task.support_x[:, :0], task.support_y[:, :0], task.query_x,
+                             task.query_y)
     learner = fastmeta.MAML(mlp(), inner_lr=0.1)
     with pytest.raises(ValueError, match="the support set is empty"):
         learner.meta_step(bad, torch.optim.SGD(learner.parameters(), lr=0.1))
@@ -174,12 +175,13 @@ def test_batch_without_task_dimension():
     learner = fastmeta.MAML(mlp(), inner_lr=0.1)
     x = torch.randn(5)
     with pytest.raises(ValueError, match=r"\[tasks, examples, \.\.\.\].*unsqueeze\(0\)"):
-        learner.meta_step(fastmeta.Task(x, x, x, x), torch.optim.SGD(learner.parameters(), lr=0.1))
+        learner.meta_step(fastmeta.TaskBatch(x, x, x, x),
+                          torch.optim.SGD(learner.parameters(), lr=0.1))
 
 
 def test_batch_of_the_wrong_type():
     learner = fastmeta.MAML(mlp(), inner_lr=0.1)
-    with pytest.raises(TypeError, match="batch must be a fastmeta.Task"):
+    with pytest.raises(TypeError, match="batch must be a fastmeta.TaskBatch"):
         learner.meta_step(torch.randn(3, 4), torch.optim.SGD(learner.parameters(), lr=0.1))
 
 
@@ -219,7 +221,8 @@ def test_divergence_raises_with_the_step_and_leaves_weights_untouched():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     learner = fastmeta.MAML(model, inner_lr=1e6, inner_steps=4)
     task = make_task()
-    task = fastmeta.Task(task.support_x * 100, task.support_y * 100, task.query_x, task.query_y)
+    task = fastmeta.TaskBatch(task.support_x * 100, task.support_y * 100, task.query_x,
+                              task.query_y)
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
     with pytest.raises(fastmeta.DivergenceError,
                        match=r"meta-step 1: .*inner step \d of 4.*try a smaller inner_lr") as info:

@@ -18,7 +18,7 @@ def _linear() -> nn.Module:
     return nn.Linear(DIM, 1, bias=False).double()
 
 
-def _task() -> fastmeta.Task:
+def _task() -> fastmeta.TaskBatch:
     return make_task(tasks=3, shots=6, query=5, x_shape=(DIM,), dtype=torch.float64, seed=4)
 
 
@@ -33,7 +33,7 @@ def _query_loss(phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Te
     return ((x @ phi.T - y) ** 2).mean()
 
 
-def _exact_meta_gradient(theta: torch.Tensor, task: fastmeta.Task) -> torch.Tensor:
+def _exact_meta_gradient(theta: torch.Tensor, task: fastmeta.TaskBatch) -> torch.Tensor:
     """mean_t (I + H_t/lam)⁻¹ ∇L_query(φ*_t), with the linear system solved directly."""
     total = torch.zeros_like(theta)
     for t in range(task.num_tasks):

@@ -33,7 +33,7 @@ def _learner(engine: str, **options) -> fastmeta.MAMLPlusPlus:
     return learner
 
 
-def _reference(learner: fastmeta.MAMLPlusPlus, task: fastmeta.Task, *, second_order: bool,
+def _reference(learner: fastmeta.MAMLPlusPlus, task: fastmeta.TaskBatch, *, second_order: bool,
                weights: tuple[float, ...]) -> torch.Tensor:
     """The multi-step meta-loss written out: per-step rates and BatchNorm weights."""
     model = learner.module

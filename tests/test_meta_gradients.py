@@ -34,7 +34,7 @@ class _LibraryMetaLoss(torch.autograd.Function):
         return (None, None, *(grad_output * g for g in ctx.grads))
 
 
-def _gradcheck(learner: fastmeta.MetaLearner, task: fastmeta.Task) -> bool:
+def _gradcheck(learner: fastmeta.MetaLearner, task: fastmeta.TaskBatch) -> bool:
     values = [p.detach().clone().requires_grad_() for p in learner.parameters() if p.requires_grad]
     return torch.autograd.gradcheck(
         lambda *v: _LibraryMetaLoss.apply(learner, task, *v), values, eps=1e-6, atol=1e-7,

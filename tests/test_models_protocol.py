@@ -259,7 +259,7 @@ def test_resnet12_meta_step_on_images():
     torch.manual_seed(0)
     model = fastmeta.models.ResNet12(in_channels=1, num_classes=3, channels=(4, 4, 8, 8))
     learner = fastmeta.MAML(model, inner_lr=0.1, loss_fn="cross_entropy")
-    task = fastmeta.Task(torch.randn(2, 6, 1, 16, 16), torch.randint(0, 3, (2, 6)),
+    task = fastmeta.TaskBatch(torch.randn(2, 6, 1, 16, 16), torch.randint(0, 3, (2, 6)),
                          torch.randn(2, 6, 1, 16, 16), torch.randint(0, 3, (2, 6)))
     result = learner.meta_step(task, torch.optim.Adam(learner.parameters()))
     assert torch.isfinite(torch.tensor(result.loss))

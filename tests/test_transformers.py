@@ -51,12 +51,12 @@ def _model(kind: str) -> nn.Module:
     return TextClassifier(kind).double().train()
 
 
-def _task() -> fastmeta.Task:
+def _task() -> fastmeta.TaskBatch:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, VOCAB, (2, 4, 6), generator=g)
     ids[..., 4:] = 0  # padded sequences
     labels = torch.randint(0, CLASSES, (2, 4), generator=g)
-    return fastmeta.Task(ids, labels, ids.flip(1), labels.flip(1))
+    return fastmeta.TaskBatch(ids, labels, ids.flip(1), labels.flip(1))
 
 
 KINDS = ["bert", "bert-masked", "gpt2"]

@@ -17,7 +17,7 @@ from torch.func import functional_call
 
 from .._learner import LossFn, MetaLearner, check_steps
 from .._objectives import Proximal
-from .._task import Task
+from .._task import TaskBatch
 from ..engines import InnerObjective, MetaLosses, Params
 
 
@@ -111,7 +111,7 @@ class IMAML(MetaLearner):
         """The support loss plus ``lam/2 · ‖φ − θ‖²``."""
         return Proximal(super().inner_objective(), self.lam)
 
-    def meta_gradient(self, task: Task) -> MetaLosses:
+    def meta_gradient(self, task: TaskBatch) -> MetaLosses:
         """Adapt without a graph, then add each task's implicit gradient to ``.grad``."""
         loop = self.inner_loop(task, self.inner_steps)
         adaptation = self._engine.adapt(self.module, task, loop)
@@ -131,7 +131,7 @@ class IMAML(MetaLearner):
             param.grad = total if param.grad is None else param.grad + total
         return MetaLosses(torch.stack(query_losses), adaptation.support_losses)
 
-    def _implicit_gradient(self, task: Task, t: int, params: Params, buffers: Params,
+    def _implicit_gradient(self, task: TaskBatch, t: int, params: Params, buffers: Params,
                            adapted: tuple[str, ...]) -> tuple[list[Tensor], Tensor]:
         """``(I + H/lam)⁻¹ ∇_φ L_query(φ)`` of task ``t`` by CG, and its query loss."""
         assert task.support_y is not None  # prepare refuses unlabelled support sets
@@ -157,7 +157,7 @@ class IMAML(MetaLearner):
                                           tolerance=self.cg_tolerance)
         return [s.detach() for s in solution], query_loss.detach()
 
-    def meta_loss(self, batch: Task | Mapping[str, Any]) -> Tensor:
+    def meta_loss(self, batch: TaskBatch | Mapping[str, Any]) -> Tensor:
         """Not defined for iMAML.
 
         Raises:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .._learner import LossFn, MetaLearner
-from .._task import Task
+from .._task import TaskBatch
 from ..engines import MetaLosses
 
 
@@ -69,7 +69,7 @@ class JointTraining(MetaLearner):
             engine=engine, verify_engine=verify_engine,
         )
 
-    def _pooled_losses(self, task: Task) -> Tensor:
+    def _pooled_losses(self, task: TaskBatch) -> Tensor:
         """``[tasks]`` loss of the model on all of each task's examples."""
         assert task.support_y is not None  # prepare refuses unlabelled support sets
         x = torch.cat([task.support_x, task.query_x], dim=1)
@@ -78,12 +78,12 @@ class JointTraining(MetaLearner):
         out = flat.view(x.shape[0], x.shape[1], *flat.shape[1:])
         return torch.stack([self.loss_fn(out[t], y[t]) for t in range(task.num_tasks)])
 
-    def meta_gradient(self, task: Task) -> MetaLosses:
+    def meta_gradient(self, task: TaskBatch) -> MetaLosses:
         """The gradient of the pooled loss (no adaptation)."""
         losses = self._pooled_losses(task)
         losses.mean().backward()
         return MetaLosses(losses.detach(), losses.new_zeros(task.num_tasks, 0))
 
-    def meta_loss(self, batch: Task | Mapping[str, Any]) -> Tensor:
+    def meta_loss(self, batch: TaskBatch | Mapping[str, Any]) -> Tensor:
         """Mean loss over all examples of every task (no adaptation), differentiable."""
         return self._pooled_losses(self.prepare(batch)).mean()

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .._learner import AdaptedTasks, LossFn, MetaLearner, check_steps
-from .._task import Task
+from .._task import TaskBatch
 from ..engines import MetaLosses
 
 
@@ -77,7 +77,7 @@ class Reptile(MetaLearner):
         if inner_batch_size is not None:
             self.inner_batch_size = check_steps("inner_batch_size", inner_batch_size, 1)
 
-    def support_schedule(self, task: Task, steps: int) -> Tensor | None:
+    def support_schedule(self, task: TaskBatch, steps: int) -> Tensor | None:
         if self.inner_batch_size is None or steps == 0:
             return None
         shots = int(task.support_x.shape[1])
@@ -95,7 +95,7 @@ class Reptile(MetaLearner):
         indices = torch.stack(rows).view(task.num_tasks, steps, self.inner_batch_size)
         return indices.to(task.support_x.device)
 
-    def meta_gradient(self, task: Task) -> MetaLosses:
+    def meta_gradient(self, task: TaskBatch) -> MetaLosses:
         """Write the pseudo-gradient ``θ − mean_tasks φ`` into ``.grad`` of the adapted
         parameters; the query losses (after adaptation) are only reported."""
         loop = self.inner_loop(task, self.inner_steps)
@@ -115,7 +115,7 @@ class Reptile(MetaLearner):
                                  for t in range(task.num_tasks)])
         return MetaLosses(query, adaptation.support_losses)
 
-    def meta_loss(self, batch: Task | Mapping[str, Any]) -> Tensor:
+    def meta_loss(self, batch: TaskBatch | Mapping[str, Any]) -> Tensor:
         """Not defined for Reptile.
 
         Raises:

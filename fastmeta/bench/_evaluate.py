@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .._learner import AdaptedTasks, MetaLearner
-from .._task import Task
+from .._task import TaskBatch
 from ._stats import format_cell, summarize
 
 Metric = Callable[[Tensor, Tensor], Tensor]  # (prediction [T, n, ...], target) -> [T]
@@ -26,7 +26,7 @@ def accuracy(prediction: Tensor, target: Tensor) -> Tensor:
     return (prediction.argmax(dim=-1) == target).to(torch.float64).flatten(1).mean(dim=1)
 
 
-def adapt_quietly(learner: MetaLearner, task: Task, steps: int) -> AdaptedTasks:
+def adapt_quietly(learner: MetaLearner, task: TaskBatch, steps: int) -> AdaptedTasks:
     """``learner.adapt_many`` without its warning on diverged tasks: callers count them."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # non-finite support losses
@@ -34,7 +34,7 @@ def adapt_quietly(learner: MetaLearner, task: Task, steps: int) -> AdaptedTasks:
 
 
 def per_task(
-    learner: MetaLearner, batch: Task | Any, steps: int, metric: Metric = mse
+    learner: MetaLearner, batch: TaskBatch | Any, steps: int, metric: Metric = mse
 ) -> Tensor:
     """``[tasks]`` metric on each task's query set after ``steps`` fine-tuning steps.
 
@@ -49,7 +49,7 @@ def per_task(
 
 
 def fine_tuning_curve(
-    learner: MetaLearner, batch: Task | Any, steps: int, metric: Metric = mse
+    learner: MetaLearner, batch: TaskBatch | Any, steps: int, metric: Metric = mse
 ) -> dict[str, Any]:
     """Summaries of the metric after ``0, 1, ..., steps`` fine-tuning steps.
 

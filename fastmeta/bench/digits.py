@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .._learner import MetaLearner
-from .._task import Task, as_task
+from .._task import TaskBatch, as_task
 from ..algorithms import ANIL
 from ..data import BatchMetaCollate, ClassSplitter, Digits
 from . import _plots
@@ -176,7 +176,7 @@ def _split(config: DigitsConfig, split: str, shots: int = 1) -> Digits:
     return _digits(split, config.ways, shots, config.query, seed)
 
 
-def _tasks(dataset: Digits, ways: int, count: int, key: tuple[int, ...]) -> Task:
+def _tasks(dataset: Digits, ways: int, count: int, key: tuple[int, ...]) -> TaskBatch:
     """``count`` tasks of random classes (in random label order), a pure function of ``key``."""
     rng = np.random.default_rng(key)
     classes = len(dataset.dataset)
@@ -185,19 +185,21 @@ def _tasks(dataset: Digits, ways: int, count: int, key: tuple[int, ...]) -> Task
     return as_task(BatchMetaCollate()([dataset[combo] for combo in combos]))
 
 
-def training_batches(config: DigitsConfig, algorithm: str, shots: int) -> Callable[[int], Task]:
+def training_batches(
+    config: DigitsConfig, algorithm: str, shots: int
+) -> Callable[[int], TaskBatch]:
     """``batch(i)`` of meta-iteration ``i``: the same for every algorithm and run."""
     dataset = _split(config, "train", shots)
     if algorithm != "finetune":
         return lambda i: _tasks(dataset, config.ways, config.meta_batch_size, (config.seed, i))
     images, labels = _pooled(dataset)
 
-    def batch(iteration: int) -> Task:
+    def batch(iteration: int) -> TaskBatch:
         rng = np.random.default_rng((config.seed, iteration, 1))
         rows = torch.from_numpy(rng.choice(len(labels), FINETUNE_BATCH, replace=False))
         half = FINETUNE_BATCH // 2
         x, y = images[rows].unsqueeze(0), labels[rows].unsqueeze(0)
-        return Task(x[:, :half], y[:, :half], x[:, half:], y[:, half:])
+        return TaskBatch(x[:, :half], y[:, :half], x[:, half:], y[:, half:])
 
     return batch
 
@@ -212,7 +214,7 @@ def _pooled(dataset: Digits) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(images), torch.tensor(labels)
 
 
-def evaluation_tasks(config: DigitsConfig, shots: int) -> Task:
+def evaluation_tasks(config: DigitsConfig, shots: int) -> TaskBatch:
     """The held-out tasks (meta-test classes) with ``shots`` support images per class."""
     dataset = _split(config, "test", shots)
     return _tasks(dataset, config.ways, config.eval_tasks, (config.seed + EVAL_SEED_OFFSET, 0))

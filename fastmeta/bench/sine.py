@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._learner import MetaLearner
-from .._task import Task, as_task
+from .._task import TaskBatch, as_task
 from ..data import BatchMetaCollate, sinusoid
 from . import _plots
 from ._config import BenchConfig, setting
@@ -145,11 +145,11 @@ def plan(config: SineConfig) -> list[RunPlan]:
     ]
 
 
-def _collate_all(dataset: Any, start: int, count: int) -> Task:
+def _collate_all(dataset: Any, start: int, count: int) -> TaskBatch:
     return as_task(BatchMetaCollate()(dataset.__getitems__(list(range(start, start + count)))))
 
 
-def training_batches(config: SineConfig) -> Callable[[int], Task]:
+def training_batches(config: SineConfig) -> Callable[[int], TaskBatch]:
     """``batch(i)``: the tasks of meta-iteration ``i``, the same for every algorithm and run."""
     dataset = sinusoid(
         config.train_shots,
@@ -159,13 +159,13 @@ def training_batches(config: SineConfig) -> Callable[[int], Task]:
         num_tasks=config.iterations * config.meta_batch_size,
     )
 
-    def batch(iteration: int) -> Task:
+    def batch(iteration: int) -> TaskBatch:
         return _collate_all(dataset, iteration * config.meta_batch_size, config.meta_batch_size)
 
     return batch
 
 
-def evaluation_tasks(config: SineConfig, shots: int, **kwargs: Any) -> Task:
+def evaluation_tasks(config: SineConfig, shots: int, **kwargs: Any) -> TaskBatch:
     """The held-out tasks with ``shots`` support points (the same waves for every ``shots``)."""
     dataset = sinusoid(
         shots,
@@ -178,7 +178,7 @@ def evaluation_tasks(config: SineConfig, shots: int, **kwargs: Any) -> Task:
     return _collate_all(dataset, 0, config.eval_tasks)
 
 
-def robustness_tasks(config: SineConfig) -> Task:
+def robustness_tasks(config: SineConfig) -> TaskBatch:
     """Held-out tasks with 5 support points from [0, 5] only and a query grid over the wave."""
     return evaluation_tasks(
         config, ROBUSTNESS_SHOTS, support_range=ROBUSTNESS_RANGE, query_grid=True
@@ -190,17 +190,17 @@ def _wave(config: SineConfig, x: torch.Tensor) -> torch.Tensor:
     return FIT_AMPLITUDE * torch.sin(x + sign * FIT_PHASE)
 
 
-def fit_task(config: SineConfig, shots: int, support_range: tuple[float, float]) -> Task:
+def fit_task(config: SineConfig, shots: int, support_range: tuple[float, float]) -> TaskBatch:
     """One task on the wave A = 4, phase = 1: seeded support points and a 200-point grid."""
     generator = torch.Generator().manual_seed(config.seed + EVAL_SEED_OFFSET)
     low, high = support_range
     support_x = low + (high - low) * torch.rand(1, shots, 1, generator=generator)
     query_x = torch.linspace(-5.0, 5.0, 200).view(1, 200, 1)
-    return Task(support_x, _wave(config, support_x), query_x, _wave(config, query_x))
+    return TaskBatch(support_x, _wave(config, support_x), query_x, _wave(config, query_x))
 
 
 def predictions(
-    learner: MetaLearner, task: Task, steps: tuple[int, ...]
+    learner: MetaLearner, task: TaskBatch, steps: tuple[int, ...]
 ) -> dict[str, list[float]]:
     """The model's outputs on ``task``'s query grid after each number of steps."""
     out = {}
@@ -211,7 +211,7 @@ def predictions(
     return {label: values.tolist() for label, values in out.items()}
 
 
-def _fit_panel(learner: MetaLearner, task: Task, steps: tuple[int, ...]) -> dict[str, Any]:
+def _fit_panel(learner: MetaLearner, task: TaskBatch, steps: tuple[int, ...]) -> dict[str, Any]:
     assert task.support_y is not None  # fit_task is labelled
     return {
         "x": task.query_x[0].flatten().tolist(),
@@ -256,7 +256,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# fastmeta bench sine",
         "",
-        f"Task family `{config.preset}`; {config.iterations:,} meta-iterations per algorithm, "
+        f"TaskBatch family `{config.preset}`; {config.iterations:,} meta-iterations per algorithm, "
         f"meta-batch {config.meta_batch_size}, K = {config.train_shots} support and query "
         f"points in training, inner SGD α = {config.inner_lr}, outer Adam {config.meta_lr}, "
         f"seed {config.seed}. Evaluation: {config.eval_tasks} held-out tasks, "

@@ -10,11 +10,11 @@ from typing import Any, TypeVar, cast
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from .._task import Task, as_task
+from .._task import TaskBatch, as_task
 from ._process import rank as _rank
 from ._process import world_size as _world_size
 
-Batch = TypeVar("Batch", Task, Mapping[str, Any], Sequence[Tensor])
+Batch = TypeVar("Batch", TaskBatch, Mapping[str, Any], Sequence[Tensor])
 
 
 def shard_bounds(num_tasks: int, *, rank: int, world_size: int) -> tuple[int, int]:
@@ -66,7 +66,7 @@ def shard(
     image tasks. Outside a distributed job (one process) the batch comes back unchanged.
 
     Args:
-        batch: a :class:`fastmeta.Task`, a torchmeta-style mapping
+        batch: a :class:`fastmeta.TaskBatch`, a torchmeta-style mapping
             ``{"train": [x, y], "test": [x, y]}`` (every tensor in it is sliced along the
             task dimension) or a 4-tuple of tensors.
         group: the process group (default: the whole job).
@@ -97,11 +97,11 @@ def shard(
             return value[start:stop]
         if isinstance(value, Mapping):
             return OrderedDict((key, cut(item)) for key, item in value.items())
-        if isinstance(value, list | tuple) and not isinstance(value, Task):
+        if isinstance(value, list | tuple) and not isinstance(value, TaskBatch):
             return type(value)(cut(item) for item in value)
         return value
 
-    if isinstance(batch, Task):  # support_y is None for unlabelled support sets (DAML)
+    if isinstance(batch, TaskBatch):  # support_y is None for unlabelled support sets (DAML)
         parts = [None if v is None else v[start:stop] for v in batch]
-        return cast(Batch, Task._make(parts))
+        return cast(Batch, TaskBatch._make(parts))
     return cut(batch)

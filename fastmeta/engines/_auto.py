@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .._inner_optim import FUNCTIONAL_OPTIMIZERS, InnerOptimizer
-from .._task import Task
+from .._task import TaskBatch
 from ._base import Adaptation, Engine, InnerLoop, MetaGrad, MetaLosses, OuterObjective
 from ._exact import unvectorisable_layer
 from ._higher import HigherEngine
@@ -247,19 +247,19 @@ class AutoEngine(Engine):
             )
         return INCONCLUSIVE, ""  # higher failed too: the input's error shows in the call
 
-    def adapt(self, module: nn.Module, task: Task, loop: InnerLoop, *,
+    def adapt(self, module: nn.Module, task: TaskBatch, loop: InnerLoop, *,
               order: MetaGrad = MetaGrad.NONE) -> Adaptation:
         return self._call("adapt", module, task, loop, order=order)
 
-    def meta_loss(self, module: nn.Module, task: Task, loop: InnerLoop,
+    def meta_loss(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
                   outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
         return self._call("meta_loss", module, task, loop, outer, order=order)
 
-    def meta_gradient(self, module: nn.Module, task: Task, loop: InnerLoop,
+    def meta_gradient(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
                       outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
         return self._call("meta_gradient", module, task, loop, outer, order=order)
 
-    def _call(self, verb: str, module: nn.Module, task: Task, loop: InnerLoop, *args: Any,
+    def _call(self, verb: str, module: nn.Module, task: TaskBatch, loop: InnerLoop, *args: Any,
               **kwargs: Any) -> Any:
         def attempt(engine: Engine) -> Any:
             return getattr(engine, verb)(module, task, loop, *args, **kwargs)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .._inner_optim import InnerOptimizer
-from .._task import Task
+from .._task import TaskBatch
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -150,7 +150,7 @@ class Engine:
 
     name: str = "base"
 
-    def adapt(self, module: nn.Module, task: Task, loop: InnerLoop, *,
+    def adapt(self, module: nn.Module, task: TaskBatch, loop: InnerLoop, *,
               order: MetaGrad = MetaGrad.NONE) -> Adaptation:
         """Adapt ``module`` to every task of ``task``; ``module`` is never modified.
 
@@ -160,12 +160,12 @@ class Engine:
         """
         raise NotImplementedError
 
-    def meta_loss(self, module: nn.Module, task: Task, loop: InnerLoop,
+    def meta_loss(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
                   outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
         """Adapt, then evaluate ``outer`` on the query sets; ``objectives`` keeps its graph."""
         raise NotImplementedError
 
-    def meta_gradient(self, module: nn.Module, task: Task, loop: InnerLoop,
+    def meta_gradient(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
                       outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
         """Add the gradient of the mean meta-objective to ``.grad``; return detached losses."""
         losses = self.meta_loss(module, task, loop, outer, order=order)
@@ -175,7 +175,7 @@ class Engine:
 
 
 def support_batch(
-    task: Task, loop: InnerLoop, index: int, step: int
+    task: TaskBatch, loop: InnerLoop, index: int, step: int
 ) -> tuple[Tensor, Tensor | None]:
     """Support examples of task ``index`` used at inner step ``step`` (targets may be None)."""
     x = task.support_x[index]

@@ -17,7 +17,7 @@ import higher.optim
 import torch
 from torch import Tensor, nn
 
-from .._task import Task
+from .._task import TaskBatch
 from ._base import (
     Adaptation,
     Engine,
@@ -97,10 +97,10 @@ class _Steps:
         return loss.detach()
 
 
-def _run_task(module: nn.Module, task: Task, loop: InnerLoop, index: int, order: MetaGrad,
+def _run_task(module: nn.Module, task: TaskBatch, loop: InnerLoop, index: int, order: MetaGrad,
               outer: OuterObjective | None
               ) -> tuple[Tensor | None, Tensor | None, Tensor, Params, Params]:
-    """Task ``index``: (meta-objective, query loss, support losses, params, buffers)."""
+    """TaskBatch ``index``: (meta-objective, query loss, support losses, params, buffers)."""
     fmodel = higher.monkeypatch(module, copy_initial_weights=False,
                                 track_higher_grads=order is not MetaGrad.NONE)
     steps = _Steps(module, fmodel, loop, order)
@@ -134,7 +134,7 @@ class HigherEngine(Engine):
 
     name = "higher"
 
-    def adapt(self, module: nn.Module, task: Task, loop: InnerLoop, *,
+    def adapt(self, module: nn.Module, task: TaskBatch, loop: InnerLoop, *,
               order: MetaGrad = MetaGrad.NONE) -> Adaptation:
         with exact_layers(module, vectorised=False,
                           second_order=order is MetaGrad.SECOND_ORDER):
@@ -142,7 +142,7 @@ class HigherEngine(Engine):
         return Adaptation(stack_dicts([r[3] for r in runs]), stack_dicts([r[4] for r in runs]),
                           torch.stack([r[2] for r in runs]))
 
-    def meta_loss(self, module: nn.Module, task: Task, loop: InnerLoop,
+    def meta_loss(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
                   outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
         with exact_layers(module, vectorised=False,
                           second_order=order is MetaGrad.SECOND_ORDER):
@@ -152,9 +152,9 @@ class HigherEngine(Engine):
         queries = torch.stack([r[1] for r in runs])  # type: ignore[misc]
         return MetaLosses(queries.detach(), torch.stack([r[2] for r in runs]), objectives)
 
-    def meta_gradient(self, module: nn.Module, task: Task, loop: InnerLoop,
+    def meta_gradient(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
                       outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
-        """Task by task, each task's graph freed after its backward (memory of one task)."""
+        """TaskBatch by task, each task's graph freed after its backward (memory of one task)."""
         queries, supports = [], []
         with exact_layers(module, vectorised=False,
                           second_order=order is MetaGrad.SECOND_ORDER):

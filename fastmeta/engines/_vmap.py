@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from .._task import Task
+from .._task import TaskBatch
 from ._base import (
     Adaptation,
     Engine,
@@ -115,7 +115,7 @@ def _meta_batch(
     trainable: Params,
     frozen: Params,
     buffers: Params,
-    task: Task,
+    task: TaskBatch,
     batch_indices: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Params]:
     """:func:`_one_task` vectorised over the tasks of ``task``."""
@@ -148,7 +148,7 @@ class VmapEngine(Engine):
         self.compile = compile
         self._compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
 
-    def adapt(self, module: nn.Module, task: Task, loop: InnerLoop, *,
+    def adapt(self, module: nn.Module, task: TaskBatch, loop: InnerLoop, *,
               order: MetaGrad = MetaGrad.NONE) -> Adaptation:
         trainable, frozen, buffers = _split(module)
         second_order = order is MetaGrad.SECOND_ORDER
@@ -162,7 +162,7 @@ class VmapEngine(Engine):
                     for n, b in buffers.items()}
         return Adaptation(params, expanded, support_losses)
 
-    def meta_loss(self, module: nn.Module, task: Task, loop: InnerLoop,
+    def meta_loss(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
                   outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
         trainable, frozen, buffers = _split(module)
         fn = partial(_meta_batch, module, loop, order, outer)
