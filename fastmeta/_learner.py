@@ -100,12 +100,18 @@ class MetaStepResult:
     Attributes:
         loss: mean query loss over the tasks, after adaptation (the meta-loss).
         task_losses: ``[tasks]`` query loss of each task after adaptation.
-        inner_losses: ``[tasks, inner_steps]`` support loss before each inner step.
+        support_losses: ``[tasks, inner_steps]`` inner objective (the support loss) before
+            each inner step.
     """
 
     loss: float
     task_losses: Tensor
-    inner_losses: Tensor
+    support_losses: Tensor
+
+    @property
+    def inner_losses(self) -> Tensor:
+        """The former name of :attr:`support_losses`."""
+        return self.support_losses
 
 
 @dataclass(eq=False)  # tensors inside: identity, not elementwise equality
@@ -539,7 +545,7 @@ class MetaLearner(nn.Module):
         return MetaStepResult(
             loss=float(output.query_losses.mean()),
             task_losses=output.query_losses.detach().cpu(),
-            inner_losses=output.support_losses.cpu(),
+            support_losses=output.support_losses.cpu(),
         )
 
     def adapt(

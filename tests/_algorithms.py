@@ -24,7 +24,7 @@ class Algorithm:
         build: ``build(model, **options) -> learner`` (options: ``engine``, ...).
         exact: its meta-gradient is the gradient of ``meta_loss`` (finite differences apply).
         baseline: ``meta_step`` is ordinary training on the pooled examples: no inner loop
-            (``inner_losses`` has no columns), the model's own buffers are updated, no engine.
+            (``support_losses`` has no columns), the model's own buffers are updated, no engine.
     """
 
     build: Callable[..., fastmeta.MetaLearner]
@@ -33,7 +33,7 @@ class Algorithm:
 
     @property
     def inner_steps(self) -> int:
-        """Columns of ``MetaStepResult.inner_losses``."""
+        """Columns of ``MetaStepResult.support_losses``."""
         return 0 if self.baseline else 2
 
 

@@ -268,7 +268,7 @@ def test_dropout_draws_its_own_mask_for_every_task(engine):
     ones = torch.ones(tasks, 1, 1, dtype=torch.float64)
     result = learner.meta_step(fastmeta.TaskBatch(ones, 0 * ones, ones, 0 * ones),
                                torch.optim.SGD(learner.parameters(), lr=0.0))
-    outputs = result.inner_losses[:, 0].sqrt()  # |mean of 2000 scaled Bernoulli(0.5)|
+    outputs = result.support_losses[:, 0].sqrt()  # |mean of 2000 scaled Bernoulli(0.5)|
     assert learner.engine == ("vmap" if engine == "auto" else engine)
     assert len(set(outputs.tolist())) > tasks // 2  # every task its own mask (counts can tie)
     assert abs(float(outputs.mean()) - 1.0) < 0.02  # E = 1

@@ -75,7 +75,7 @@ def test_vmap_and_higher_agree(algorithm, order, steps, model_name, optimizer):
         zero_gradient = _zero_gradient_params(learner, task)
         adapted = learner.adapt(task.support_x[0], task.support_y[0], steps=2)
         predictions[engine] = (adapted(task.query_x[0]), result.task_losses,
-                               result.inner_losses)
+                               result.support_losses)
     for name, higher_grad in grads["higher"].items():
         if algorithm == "reptile" and optimizer == "adam" and name in zero_gradient:
             # Its true gradient is 0; Adam turns the ±1e-17 rounding noise into ±inner_lr

@@ -53,7 +53,7 @@ def test_meta_gradient_equals_the_exact_implicit_gradient(engine):
     result = learner.meta_step(task, torch.optim.SGD(learner.parameters(), lr=0.0))
     expected = _exact_meta_gradient(model.weight.detach(), task)
     torch.testing.assert_close(model.weight.grad, expected, rtol=1e-9, atol=1e-12)
-    assert result.inner_losses.shape == (3, 300)
+    assert result.support_losses.shape == (3, 300)
 
 
 def test_meta_gradient_matches_finite_differences_of_the_proximal_solution():

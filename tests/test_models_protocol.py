@@ -134,7 +134,7 @@ def test_every_learner_on_every_model(model_name, learner_name):
 
     assert isinstance(result.loss, float) and torch.isfinite(torch.tensor(result.loss))
     assert result.task_losses.shape == (2,)
-    assert result.inner_losses.shape == (2, ALGORITHMS[learner_name].inner_steps)
+    assert result.support_losses.shape == (2, ALGORITHMS[learner_name].inner_steps)
     for name, param in learner.named_parameters():
         if param.requires_grad:
             assert param.grad is not None, name
