@@ -119,7 +119,7 @@ def _run_task(module: nn.Module, task: TaskBatch, loop: InnerLoop, index: int, o
     if outer is not None:
         query_loss = outer.loss_fn(steps.forward(loop.steps, steps.fast, task.query_x[index]),
                                    task.query_y[index])
-        last = weights[-1] * query_loss
+        last = query_loss if weights[-1] == 1.0 else weights[-1] * query_loss
         objective = last if objective is None else objective + last
     support_losses = torch.stack(losses) if losses else torch.zeros(0)
     params = steps.params(loop.steps)

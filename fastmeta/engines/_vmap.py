@@ -102,7 +102,8 @@ def _one_task(
     query_loss = zero
     if outer is not None:
         query_loss = outer.loss_fn(forward(loop.steps, adapted, query_x), query_y)
-        objective = objective + weights[-1] * query_loss
+        last = query_loss if weights[-1] == 1.0 else weights[-1] * query_loss
+        objective = last if objective is zero else objective + last
     support_losses = torch.stack(losses) if losses else zero.new_zeros(0)
     return objective, query_loss, support_losses, params_at(loop.steps, adapted)
 
