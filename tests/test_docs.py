@@ -79,15 +79,18 @@ def _id(path: Path) -> str:
     return str(path.relative_to(ROOT))
 
 
-@pytest.mark.parametrize("path", documents(), ids=_id)
+def _python(path: Path) -> list[Block]:
+    return [block for block in blocks(path) if block.language in ("python", "py")]
+
+
+@pytest.mark.parametrize("path", [p for p in documents() if _python(p)], ids=_id)
 def test_python_blocks_run(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    python = [block for block in blocks(path) if block.language in ("python", "py")]
+    python = _python(path)
     for block in python:
         if block.not_run is not None:
             assert block.not_run, f"{_id(path)}:{block.line}: say why the block is not run"
     runnable = [block for block in python if block.not_run is None]
-    if not runnable:
-        pytest.skip("no runnable Python blocks")
+    assert runnable, f"{_id(path)}: every Python block is marked not run"
     monkeypatch.chdir(tmp_path)
     dtype, threads, rng = torch.get_default_dtype(), torch.get_num_threads(), torch.get_rng_state()
     namespace: dict[str, object] = {"__name__": "__docs__"}
