@@ -8,6 +8,7 @@ import numbers
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,7 +18,17 @@ from torch.func import functional_call
 
 from ._inner_optim import InnerOptimizer, resolve_inner_optimizer
 from ._task import Task, as_task, single_task, to_model
-from .engines import Engine, InnerLoop, InnerLoopOutput, LearnedLoss, MetaGrad, resolve_engine
+from .engines import (
+    AutoEngine,
+    Engine,
+    EngineDecision,
+    InnerLoop,
+    InnerLoopOutput,
+    LearnedLoss,
+    MetaGrad,
+    resolve_engine,
+    without_randomness,
+)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -84,9 +95,17 @@ class AdaptedModel:
     support_losses: Tensor
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the model's forward with the adapted weights."""
+        """Run the model's forward with the adapted weights.
+
+        Floating-point tensor inputs are cast to the weights' dtype and device, as
+        :meth:`MetaLearner.adapt` casts the support set.
+        """
         # Buffers are cloned per call so that BatchNorm in train mode cannot write into them.
         state = {**self.params, **{k: v.clone() for k, v in self.buffers.items()}}
+        reference = next(iter(self.params.values()), None)
+        if reference is not None:
+            args = tuple(_like(a, reference) for a in args)
+            kwargs = {k: _like(v, reference) for k, v in kwargs.items()}
         return functional_call(self.module, state, args, kwargs)
 
     def named_parameters(self) -> Iterator[tuple[str, Tensor]]:
@@ -134,11 +153,38 @@ class AdaptedTasks:
                 f"x must have one slice per adapted task along dim 0: expected {len(self)}, "
                 f"got shape {tuple(x.shape)}"
             )
+        reference = next(iter(self.params.values()), None)
+        if reference is not None:
+            x = _like(x, reference)
         if not self.buffers:  # one vectorised call; buffers (BatchNorm) go task by task
             return torch.func.vmap(lambda p, xt: functional_call(self.module, p, (xt,)))(
                 self.params, x
             )
         return torch.stack([self[t](x[t]) for t in range(len(self))])
+
+
+def _like(value: Any, reference: Tensor) -> Any:
+    """A floating tensor moved to ``reference``'s device and dtype; anything else as is."""
+    if isinstance(value, Tensor):
+        dtype = reference.dtype if value.is_floating_point() else value.dtype
+        return value.to(device=reference.device, dtype=dtype)
+    return value
+
+
+def _unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module inside a ``torch.compile``d one (same parameters), with a warning."""
+    inner = getattr(model, "_orig_mod", None)
+    if not isinstance(inner, nn.Module) or type(model).__name__ != "OptimizedModule":
+        return model
+    warnings.warn(
+        "model is a torch.compile'd module; fastmeta meta-learns the module it wraps "
+        "(model._orig_mod, the same parameters) because neither engine can run through a "
+        "compiled forward. Pass the uncompiled model, and compile=True to compile the "
+        "vectorised meta-step instead.",
+        UserWarning,
+        stacklevel=4,
+    )
+    return inner
 
 
 def _check_positive_number(name: str, value: object) -> float:
@@ -193,10 +239,15 @@ class MetaLearner(nn.Module):
         inner_optimizer: ``"sgd"`` (default), ``"adam"``, ``"adamw"``, another name from
             ``fastmeta.INNER_OPTIMIZERS``, or the matching ``torch.optim`` class.
         inner_optimizer_kwargs: its settings (``momentum``, ``betas``, ...), without ``lr``.
-        engine: ``"auto"`` (default: the vectorised engine wherever it works, higher
-            otherwise, with a warning naming the reason), ``"vmap"`` or ``"higher"``.
+        engine: ``"auto"`` (default: the vectorised engine where it is exact for the
+            model, higher otherwise, with a warning naming the reason), ``"vmap"`` or
+            ``"higher"``. See :attr:`engine_decision`.
         compile: ``torch.compile`` the vectorised meta-step (compiled once per input shape;
             falls back to uncompiled with one warning if compiling fails).
+        verify_engine: with ``engine="auto"``, compare the vectorised engine with higher
+            on a float64 copy of the learner (two tasks) before the first ``adapt`` and
+            the first meta-gradient, and keep it only if they agree. Costs one extra
+            small computation per kind of call, once; ``False`` skips it.
     """
 
     def __init__(
@@ -211,6 +262,7 @@ class MetaLearner(nn.Module):
         inner_optimizer_kwargs: Mapping[str, Any] | None = None,
         engine: str = "auto",
         compile: bool = False,
+        verify_engine: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -218,6 +270,7 @@ class MetaLearner(nn.Module):
                 f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a plain "
                 f"function in a Module subclass first"
             )
+        model = _unwrap_compiled(model)
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError(
                 "model has no trainable parameters (none with requires_grad=True): there is "
@@ -232,7 +285,8 @@ class MetaLearner(nn.Module):
             inner_optimizer, inner_optimizer_kwargs
         )
         self._engine: Engine = resolve_engine(
-            engine, model, self.inner_optimizer, compile=bool(compile)
+            engine, model, self.inner_optimizer, compile=bool(compile),
+            verify=bool(verify_engine),
         )
         self.meta_steps_taken = 0
         self._warned_optimizer = False
@@ -244,6 +298,63 @@ class MetaLearner(nn.Module):
     def engine(self) -> str:
         """Name of the engine that runs the inner loop."""
         return self._engine.name
+
+    @property
+    def engine_decision(self) -> EngineDecision:
+        """How the engine was chosen: the engine, the reason, the checks and their cost."""
+        if isinstance(self._engine, AutoEngine):
+            return self._engine.decision
+        return EngineDecision(self.engine, "chosen explicitly (engine=...)")
+
+    def _check_engine(
+        self, kind: str, make_task: Callable[[], Task], *, steps: int | None = None,
+        agree: Callable[[int], int] | None = None,
+    ) -> None:
+        """Before the first call of ``kind``, let ``engine="auto"`` compare its engines."""
+        engine = self._engine
+        if not isinstance(engine, AutoEngine) or not engine.needs_check(kind) or steps == 0:
+            return
+        try:
+            task: Task | None = make_task()
+        except Exception:
+            if agree is None:
+                raise
+            task = None  # the call reports the error, after the peers have agreed
+        engine.check(kind, partial(self._probe, kind, task, steps), agree)
+
+    def _probe(
+        self, kind: str, task: Task | None, steps: int | None, engine: Engine,
+        dtype: torch.dtype | None,
+    ) -> dict[str, Tensor]:
+        """This learner's computation on a copy of itself, run by ``engine``.
+
+        The copy (in ``dtype`` if given) runs on the first two tasks, without dropout,
+        under a fixed seed; the learner, its model and the random-number state are left
+        as they were. Returns the adapted weights (``kind="adapt"``) or the meta-gradient.
+        """
+        if task is None:
+            raise ValueError("no task to probe")
+        memo = {id(self._engine): engine, id(self._meta_gradient_sync): None}
+        clone = copy.deepcopy(self, memo)
+        first = Task(*(None if t is None else t[:2] for t in task))  # type: ignore[arg-type]
+        if dtype is not None:
+            clone = clone.to(dtype)
+            first = Task(*(  # type: ignore[arg-type]
+                t.to(dtype) if t is not None and t.is_floating_point() else t for t in first
+            ))
+        devices = sorted({p.device.index or 0 for p in clone.parameters() if p.is_cuda})
+        with torch.random.fork_rng(devices=devices), without_randomness(), \
+                warnings.catch_warnings(), torch.enable_grad():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            if kind == "adapt":
+                output = clone._adapt(first, self.inner_steps if steps is None else steps)
+                assert output.params is not None  # keep_params=True
+                return output.params
+            clone.zero_grad(set_to_none=True)
+            output = clone._meta_gradient(first)
+            grads = {n: p.grad for n, p in clone.named_parameters() if p.grad is not None}
+            return {**grads, "query losses": output.query_losses.detach()}
 
     def adapted_names(self) -> tuple[str, ...]:
         """Names of the model parameters updated in the inner loop (all trainable ones)."""
@@ -316,6 +427,7 @@ class MetaLearner(nn.Module):
         checking gradients. It keeps every task's graph alive at once.
         """
         task = self._prepare(batch)
+        self._check_engine("meta_gradient", lambda: task)
         output = self._engine.run(
             self.module, task, self._inner_loop(task, self.inner_steps), self._meta_grad()
         )
@@ -343,6 +455,18 @@ class MetaLearner(nn.Module):
         Raises:
             DivergenceError: the meta-loss or meta-gradient is not finite; nothing was updated.
         """
+        with torch.enable_grad():  # an update needs gradients, even inside torch.no_grad()
+            return self._meta_step(batch, optimizer)
+
+    def _meta_step(
+        self, batch: Task | Mapping[str, Any], optimizer: torch.optim.Optimizer
+    ) -> MetaStepResult:
+        sync = self._meta_gradient_sync
+        agree = getattr(sync, "agree", None)
+        self._check_engine(
+            "meta_gradient", lambda: self._prepare(batch),
+            agree=None if agree is None else partial(agree, self),
+        )
 
         def local() -> InnerLoopOutput:
             self._check_optimizer(optimizer)
@@ -351,7 +475,6 @@ class MetaLearner(nn.Module):
             self.zero_grad(set_to_none=True)
             return self._meta_gradient(task)
 
-        sync = self._meta_gradient_sync
         output = local() if sync is None else sync(self, local)
         self._check_finite(output)
         optimizer.step()
@@ -382,6 +505,7 @@ class MetaLearner(nn.Module):
         """
         steps = self.inner_steps if steps is None else check_steps("steps", steps, 0)
         task = self._check_support_targets(to_model(single_task(x, y), self._reference()))
+        self._check_engine("adapt", lambda: task, steps=steps)
         output = self._adapt(task, steps)
         assert output.params is not None and output.buffers is not None  # keep_params=True
         return AdaptedTasks(self.module, output.params, output.buffers, output.support_losses)[0]
@@ -408,6 +532,7 @@ class MetaLearner(nn.Module):
         """
         steps = self.inner_steps if steps is None else check_steps("steps", steps, 0)
         task = self._prepare(batch)
+        self._check_engine("adapt", lambda: task, steps=steps)
         output = self._adapt(task, steps)
         assert output.params is not None and output.buffers is not None  # keep_params=True
         return AdaptedTasks(self.module, output.params, output.buffers, output.support_losses)

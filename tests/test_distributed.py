@@ -102,6 +102,9 @@ def test_two_processes_equal_one_process_on_the_union(two_process_runs: Path, ca
         torch.testing.assert_close(ranks[0]["state"][name], expected, rtol=0, atol=tol)
     initial = worker.build(case, seed=100)[0].state_dict()
     assert any(not torch.equal(initial[k], single["state"][k]) for k in initial)  # it trained
+    assert ranks[0]["engine"] == ranks[1]["engine"]  # every rank runs the same engine
+    if case == "maml-auto-split":
+        assert ranks[0]["engine"] == "higher" and single["engine"] == "vmap"
     for run in ranks:  # every rank reports the global mean loss and every task's loss
         assert run["losses"] == pytest.approx(single["losses"], rel=0, abs=tol)
         for got, expected in zip(run["task_losses"], single["task_losses"]):

@@ -62,6 +62,13 @@ class MetaGradientAverager:
     def __deepcopy__(self, memo: dict[int, Any]) -> MetaGradientAverager:
         return self  # a process group cannot be copied; a copied learner shares it
 
+    def agree(self, learner: MetaLearner, verdict: int) -> int:
+        """The worst of every rank's verdict (``engine="auto"``'s check), so that all
+        ranks take the same engine."""
+        flag = torch.tensor([verdict], dtype=torch.int64, device=learner._reference().device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag)
+
     def __call__(
         self, learner: MetaLearner, local: Callable[[], InnerLoopOutput]
     ) -> InnerLoopOutput:

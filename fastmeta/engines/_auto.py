@@ -1,16 +1,71 @@
-"""``engine="auto"``: the vectorised engine wherever it works, higher otherwise."""
+"""``engine="auto"``: the vectorised engine where it is exact for the model, higher otherwise.
+
+The choice is made once per kind of call, before the first one runs:
+
+1. Static obstacles (an inner optimiser without a functional rule, a recurrent layer
+   ``vmap`` cannot batch) choose higher at construction, with a warning.
+2. Before the first ``adapt`` and the first meta-gradient, a *probe* runs the learner's
+   computation on a float64 copy of itself, on the first two tasks of the batch, with both
+   engines, and compares the results (adapted weights, or the meta-gradient written into
+   ``.grad``). The vectorised engine is kept only if they agree; a failure of the
+   vectorised engine where higher succeeds (torch.func's refusals: a missing batching
+   rule, ``.item()`` or data-dependent control flow under ``vmap``, an in-place write into
+   a captured tensor, ...) chooses higher as well. Either way one warning says why. The
+   probe never changes the learner, its model or the random-number state.
+3. Without the probe (``verify_engine=False``), the first call that torch.func refuses
+   (recognised by :func:`is_torch_func_refusal`) is retried with higher; if the retry
+   fails too, the error was the input's: it is raised and the engine stays.
+
+After that the engine never changes: a later error is the input's, and it is raised.
+"""
 
 from __future__ import annotations
 
+import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .._inner_optim import InnerOptimizer
 from .._task import Task
 from ._base import Engine, InnerLoop, InnerLoopOutput, MetaGrad
+from ._exact import unvectorisable_layer
 from ._higher import HigherEngine
 from ._vmap import VmapEngine
+
+# Probe(engine, dtype): the learner's computation on a copy of itself, run by ``engine``
+# in ``dtype`` (None: the model's own); returns named tensors to compare.
+Probe = Callable[[Engine, "torch.dtype | None"], dict[str, Tensor]]
+# Agree(verdict) -> the verdict every process of a data-parallel job takes (the worst).
+Agree = Callable[[int], int]
+
+AGREE, INCONCLUSIVE, DISAGREE = 0, 1, 2
+
+# Substrings of the errors torch.func raises where it cannot run a model (torch 2.x).
+TORCH_FUNC_REFUSALS = (
+    "vmap:",
+    "batching rule",
+    "batched tensor",
+    "randomness",
+    "data-dependent control flow",
+    ".item()",
+    "captured tensor",
+    "during a grad",
+    "functorch",
+    "torch.func",
+    "doesn't match the broadcast shape",  # an in-place write into an unbatched tensor
+)
+
+
+def is_torch_func_refusal(error: BaseException) -> bool:
+    """Whether ``error`` is torch.func refusing a model (never an out-of-memory error)."""
+    if isinstance(error, torch.OutOfMemoryError) or not isinstance(error, RuntimeError):
+        return False
+    message = str(error).lower()
+    return any(marker in message for marker in TORCH_FUNC_REFUSALS)
 
 
 def vmap_obstacle(model: nn.Module, optimizer: InnerOptimizer) -> str | None:
@@ -20,33 +75,175 @@ def vmap_obstacle(model: nn.Module, optimizer: InnerOptimizer) -> str | None:
             f"inner_optimizer={optimizer.name!r} has no functional rule in fastmeta "
             f"(the vectorised engine supports 'sgd', 'adam' and 'adamw')"
         )
-    for name, module in model.named_modules():
-        if isinstance(module, nn.RNNBase):
-            return (
-                f"submodule {name!r} is a {type(module).__name__}, which torch.func cannot "
-                f"vectorise over tasks (no batching rule for its fused kernel)"
-            )
-    return None
+    return unvectorisable_layer(model)
+
+
+@dataclass(frozen=True)
+class EngineDecision:
+    """How ``engine="auto"`` chose, as ``learner.engine_decision`` reports it.
+
+    Attributes:
+        engine: the engine that runs (``"vmap"`` or ``"higher"``).
+        reason: why, in words.
+        checked: the kinds of call whose results were compared between the engines
+            (``"adapt"``, ``"meta_gradient"``).
+        max_error: worst relative difference between the engines in those checks
+            (``None`` before any check).
+        check_seconds: time spent checking, in total.
+    """
+
+    engine: str
+    reason: str
+    checked: tuple[str, ...] = ()
+    max_error: float | None = None
+    check_seconds: float = 0.0
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+def compare(reference: dict[str, Tensor], candidate: dict[str, Tensor]) -> tuple[float, str]:
+    """Worst relative difference over the named tensors, and the name where it is.
+
+    Each tensor is judged against its own largest value, or against a millionth of the
+    largest value of all where it is zero up to rounding (a gradient that should be 0).
+    """
+    scale = max((float(t.abs().max()) for t in reference.values() if t.numel()), default=0.0)
+    floor = max(1e-6 * scale, torch.finfo(torch.float64).tiny)
+    worst, where = 0.0, ""
+    for name, expected in reference.items():
+        actual = candidate.get(name)
+        if actual is None or actual.shape != expected.shape:
+            return float("inf"), name
+        if not expected.numel():
+            continue
+        error = float((actual - expected).abs().max()) / max(float(expected.abs().max()), floor)
+        if not error <= worst:  # NaN counts as the worst
+            worst, where = error, name
+    return worst, where
+
+
+def _tolerance(dtype: torch.dtype | None) -> float:
+    if dtype is None or dtype == torch.float64:
+        return 1e-7
+    return 1e3 * torch.finfo(dtype).eps
 
 
 class AutoEngine(Engine):
-    """Tries the vectorised engine first and falls back to higher, saying why, once."""
+    """The vectorised engine where it is exact, higher otherwise (see the module docstring).
 
-    def __init__(self, model: nn.Module, optimizer: InnerOptimizer, *, compile: bool) -> None:
+    Args:
+        model: the wrapped model.
+        optimizer: the inner optimiser.
+        compile: ``torch.compile`` the vectorised engine.
+        verify: compare the engines before the first call of each kind (the default);
+            ``False`` trusts the vectorised engine wherever torch.func runs it.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: InnerOptimizer, *, compile: bool,
+                 verify: bool = True) -> None:
         obstacle = vmap_obstacle(model, optimizer)
-        self._current: Engine = HigherEngine() if obstacle else VmapEngine(compile=compile)
-        self.name = self._current.name
+        self.verify = verify
+        self._higher = HigherEngine()
+        self._vmap: VmapEngine | None = None if obstacle else VmapEngine(compile=compile)
+        self._current: Engine = self._vmap or self._higher
+        self._settled = obstacle is not None  # no more fallbacks once a call went through
+        self._checked: list[str] = []
+        self._max_error: float | None = None
+        self._seconds = 0.0
+        self._reason = (
+            obstacle or "vectorised, until a first call checks it against higher"
+        )
         if obstacle:
             self._warn(obstacle)
 
-    @staticmethod
-    def _warn(reason: str) -> None:
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self._current.name
+
+    @property
+    def decision(self) -> EngineDecision:
+        """The current choice and how it was made."""
+        return EngineDecision(self.name, self._reason, tuple(self._checked), self._max_error,
+                              self._seconds)
+
+    def _warn(self, reason: str) -> None:
         warnings.warn(
             f"engine='auto' uses the 'higher' engine: {reason}. Pass engine='higher' to "
             f"choose it explicitly and silence this warning.",
             UserWarning,
-            stacklevel=5,
+            stacklevel=6,
         )
+
+    def _switch_to_higher(self, reason: str) -> None:
+        self._current, self._reason, self._settled = self._higher, reason, True
+        self._warn(reason)
+
+    def needs_check(self, kind: str) -> bool:
+        """Whether :meth:`check` would run a probe for ``kind``."""
+        return self.verify and self._current is self._vmap and kind not in self._checked
+
+    def check(self, kind: str, probe: Probe, agree: Agree | None = None) -> None:
+        """Compare the engines on ``probe`` before the first call of ``kind``.
+
+        Args:
+            kind: ``"adapt"`` or ``"meta_gradient"``.
+            probe: runs the learner's computation on a copy with a given engine.
+            agree: combines the verdict with the other processes of a data-parallel job.
+        """
+        if not self.needs_check(kind):
+            return
+        start = time.perf_counter()
+        verdict, reason, failure = INCONCLUSIVE, "", None
+        try:
+            verdict, reason = self._probe_both(probe, kind)
+        except torch.OutOfMemoryError as error:  # raised, but only after the peers know
+            failure = error
+        self._seconds += time.perf_counter() - start
+        if agree is not None:
+            verdict = max(verdict, agree(verdict))
+            if verdict == DISAGREE and not reason:
+                reason = "another process of the job found the engines disagree"
+        if failure is not None:
+            raise failure
+        if verdict == DISAGREE:
+            self._checked.append(kind)
+            self._switch_to_higher(reason)
+        elif verdict == AGREE:
+            self._checked.append(kind)
+            self._reason = f"vectorised; checked against higher ({', '.join(self._checked)})"
+
+    def _probe_both(self, probe: Probe, kind: str) -> tuple[int, str]:
+        """``(verdict, reason)`` of one comparison, in float64 if the model runs in it."""
+        for dtype in (torch.float64, None):
+            try:
+                reference = probe(self._higher, dtype)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception:  # e.g. a model that mixes in float32 constants: try its dtype
+                continue
+            try:
+                candidate = probe(VmapEngine(), dtype)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as error:
+                return DISAGREE, (f"the vectorised engine fails on this model where higher "
+                                  f"runs it ({_first_line(error)})")
+            if not all(torch.isfinite(t).all() for t in reference.values()):
+                return INCONCLUSIVE, ""  # diverged: nothing to compare, the call will say so
+            difference, where = compare(reference, candidate)
+            self._max_error = difference
+            if difference <= _tolerance(dtype):
+                return AGREE, ""
+            return DISAGREE, (
+                f"its {'adapted weights differ' if kind == 'adapt' else 'meta-gradient differs'} "
+                f"from a per-task computation on this model "
+                f"(relative error {difference:.1e} on {where!r}; a batching rule of torch.func "
+                f"is wrong for one of its layers)"
+            )
+        return INCONCLUSIVE, ""  # higher failed too: the input's error shows in the call
 
     def run(
         self,
@@ -59,27 +256,25 @@ class AutoEngine(Engine):
         keep_params: bool = False,
         query: bool = True,
     ) -> InnerLoopOutput:
-        def attempt() -> InnerLoopOutput:
-            return self._current.run(
-                module,
-                task,
-                loop,
-                meta_grad,
-                backward=backward,
-                keep_params=keep_params,
-                query=query,
-            )
+        def attempt(engine: Engine) -> InnerLoopOutput:
+            return engine.run(module, task, loop, meta_grad, backward=backward,
+                              keep_params=keep_params, query=query)
 
+        if self._settled:
+            return attempt(self._current)
         try:
-            return attempt()
+            output = attempt(self._current)
         except RuntimeError as error:
-            if not isinstance(self._current, VmapEngine):
+            if not is_torch_func_refusal(error):
                 raise
-            # torch.func refuses the model (e.g. a forward that writes into a buffer in
-            # place). higher runs any module, so switch for good; if higher fails too, the
-            # problem was not the engine and its error is the one to see.
-            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            self._current = HigherEngine()
-            self.name = self._current.name
-            self._warn(f"the vectorised engine failed on this model ({message})")
-            return attempt()
+            if backward:  # a backward pass that broke off may have written some .grad
+                for tensor in [*module.parameters(), *(loop.lrs or {}).values()]:
+                    tensor.grad = None
+            try:
+                output = attempt(self._higher)
+            except Exception:
+                raise error from None  # the input's error: the engine stays
+            self._switch_to_higher(f"torch.func refused this model ({_first_line(error)})")
+            return output
+        self._settled = True
+        return output

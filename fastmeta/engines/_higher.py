@@ -32,6 +32,7 @@ from ._base import (
     stack_dicts,
     support_batch,
 )
+from ._exact import exact_layers
 
 
 class DifferentiableAdam(higher.optim.DifferentiableOptimizer):
@@ -97,7 +98,6 @@ class HigherEngine(Engine):
         query: bool = True,
     ) -> InnerLoopOutput:
         named = dict(module.named_parameters())
-        names = list(named)
         adapted = [named[name] for name in loop.adapted]
         track = meta_grad is not MetaGrad.NONE
         if loop.lrs is None:
@@ -110,39 +110,62 @@ class HigherEngine(Engine):
             override = {"lr": [loop.lrs[name] for name in loop.adapted]}
         grad_callback = detach_all if meta_grad is MetaGrad.FIRST_ORDER else None
 
-        num_tasks = task.num_tasks
-        query_losses: list[Tensor] = []
-        support_losses: list[Tensor] = []
-        kept_params: list[dict[str, Tensor]] = []
-        kept_buffers: list[dict[str, Tensor]] = []
-        for index in range(num_tasks):
-            with higher.innerloop_ctx(
-                module,
-                optimizer,
-                copy_initial_weights=False,
-                override=override,
-                track_higher_grads=track,
-            ) as (fmodel, diffopt):
-                losses = []
-                for step in range(loop.steps):
-                    x, y = support_batch(task, loop, index, step)
-                    loss = inner_loss(loop, fmodel, fmodel, x, y)
-                    losses.append(loss.detach())
-                    diffopt.step(loss, grad_callback=grad_callback)
-                support_losses.append(torch.stack(losses) if losses else torch.zeros(0))
-                if query:
-                    with torch.set_grad_enabled(track):
-                        query_loss = loop.loss_fn(fmodel(task.query_x[index]), task.query_y[index])
-                    if backward:
-                        (query_loss / num_tasks).backward()
-                        query_loss = query_loss.detach()
-                    query_losses.append(query_loss)
-                if keep_params:
-                    kept_params.append({n: p.detach() for n, p in zip(names, fmodel.fast_params)})
-                    kept_buffers.append({n: b.detach() for n, b in fmodel.named_buffers()})
+        second_order = meta_grad is MetaGrad.SECOND_ORDER
+        with exact_layers(module, vectorised=False, second_order=second_order):
+            results = [
+                self._one_task(module, task, loop, index, optimizer, override, track,
+                               grad_callback, backward=backward, keep_params=keep_params,
+                               query=query)
+                for index in range(task.num_tasks)
+            ]
+        support_losses, query_losses, kept_params, kept_buffers = zip(*results)
         return InnerLoopOutput(
             query_losses=torch.stack(query_losses) if query else torch.zeros(0),
             support_losses=torch.stack(support_losses),
-            params=stack_dicts(kept_params) if keep_params else None,
-            buffers=stack_dicts(kept_buffers) if keep_params else None,
+            params=stack_dicts(list(kept_params)) if keep_params else None,
+            buffers=stack_dicts(list(kept_buffers)) if keep_params else None,
         )
+
+    @staticmethod
+    def _one_task(
+        module: nn.Module,
+        task: Task,
+        loop: InnerLoop,
+        index: int,
+        optimizer: torch.optim.Optimizer,
+        override: dict[str, list[Tensor]] | None,
+        track: bool,
+        grad_callback: Any,
+        *,
+        backward: bool,
+        keep_params: bool,
+        query: bool,
+    ) -> tuple[Tensor, Tensor | None, dict[str, Tensor], dict[str, Tensor]]:
+        """Support losses, query loss, adapted parameters and buffers of task ``index``."""
+        with higher.innerloop_ctx(
+            module,
+            optimizer,
+            copy_initial_weights=False,
+            override=override,
+            track_higher_grads=track,
+        ) as (fmodel, diffopt):
+            losses = []
+            for step in range(loop.steps):
+                x, y = support_batch(task, loop, index, step)
+                loss = inner_loss(loop, fmodel, fmodel, x, y)
+                losses.append(loss.detach())
+                diffopt.step(loss, grad_callback=grad_callback)
+            query_loss = None
+            if query:
+                with torch.set_grad_enabled(track):
+                    query_loss = loop.loss_fn(fmodel(task.query_x[index]), task.query_y[index])
+                if backward:
+                    (query_loss / task.num_tasks).backward()
+                    query_loss = query_loss.detach()
+            params: dict[str, Tensor] = {}
+            buffers: dict[str, Tensor] = {}
+            if keep_params:
+                names = [name for name, _ in module.named_parameters()]
+                params = {n: p.detach() for n, p in zip(names, fmodel.fast_params)}
+                buffers = {n: b.detach() for n, b in fmodel.named_buffers()}
+        return torch.stack(losses) if losses else torch.zeros(0), query_loss, params, buffers

@@ -13,91 +13,32 @@ in train mode normalise with batch statistics anyway, so for the duration of a c
 ``track_running_stats`` is switched off: the outputs are those of the higher engine, and
 the model's buffers are never written. Only :attr:`AdaptedModel.buffers` differ: the
 higher engine returns the copy's updated running statistics, this engine the model's own.
-Also, torch's batching rule for batch norm gives wrong second-order gradients under
-``vmap`` (measured on torch 2.13: conv → BatchNorm meta-gradients off by up to 3%), so
-``F.batch_norm`` is computed from its definition (mean, biased variance) while a model with
-BatchNorm runs here; that form differentiates correctly to any order.
+
+torch's batching rules give wrong meta-gradients for batch norm, layer norm, instance norm
+and embeddings with ``padding_idx``; :func:`fastmeta.engines.exact_layers` replaces them
+with forms that are exact under ``vmap`` while this engine runs.
+
+Random layers (Dropout) draw their own masks for every task (``vmap`` with
+``randomness="different"``), as they would with one task at a time.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from .._inner_optim import functional_update
 from .._task import Task
 from ._base import Engine, InnerLoop, InnerLoopOutput, MetaGrad, inner_loss
+from ._exact import exact_layers
 
 Params = dict[str, Tensor]
-
-
-def _batch_norm(
-    input: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    training: bool = False,
-    momentum: float | None = 0.1,
-    eps: float = 1e-5,
-) -> Tensor:
-    """``F.batch_norm`` without running-statistics updates, from its definition."""
-    shape = [1, -1] + [1] * (input.dim() - 2)
-    if training or running_mean is None or running_var is None:
-        dims = [0, *range(2, input.dim())]
-        mean = input.mean(dims, keepdim=True)
-        var = input.var(dims, unbiased=False, keepdim=True)
-    else:
-        mean, var = running_mean.view(shape), running_var.view(shape)
-    output = (input - mean) * torch.rsqrt(var + eps)
-    if weight is not None:
-        output = output * weight.view(shape)
-    if bias is not None:
-        output = output + bias.view(shape)
-    return output
-
-
-class _DecomposedBatchNorm(torch.overrides.TorchFunctionMode):
-    """Routes ``F.batch_norm`` calls that update no statistics to :func:`_batch_norm`."""
-
-    def __torch_function__(
-        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        if func is F.batch_norm:
-            bound = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs).arguments
-            updates = bound.get("training", False) and bound.get("running_mean") is not None
-            if not updates:
-                return _batch_norm(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
-_BATCH_NORM_SIGNATURE = inspect.signature(_batch_norm)
-
-
-@contextlib.contextmanager
-def batch_statistics(module: nn.Module) -> Iterator[None]:
-    """BatchNorm layers in train mode skip their running-statistics update, and batch norm
-    is computed in a form whose higher derivatives are right under ``vmap``."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    switched = [m for m in norms if m.training and m.track_running_stats]
-    for m in switched:
-        m.track_running_stats = False
-    try:
-        with _DecomposedBatchNorm() if norms else contextlib.nullcontext():
-            yield
-    finally:
-        for m in switched:
-            m.track_running_stats = True
 
 
 def _meta_batch(
@@ -153,14 +94,18 @@ def _meta_batch(
                     loop.optimizer, adapted[name], g, state[name], lr
                 )
             adapted = new
-        query_loss = loss_at(adapted, query_x, query_y) if query else support_x.new_zeros(())
-        support_losses = torch.stack(losses) if losses else support_x.new_zeros(0)
+        # Placeholders in the parameters' dtype: inputs may be integer token ids.
+        zero = next(iter(trainable.values())).new_zeros(())
+        query_loss = loss_at(adapted, query_x, query_y) if query else zero
+        support_losses = torch.stack(losses) if losses else zero.new_zeros(0)
         kept = {n: p.detach() for n, p in {**fixed, **adapted}.items()} if keep_params else {}
         return query_loss, support_losses, kept
 
     args = (*task, batch_indices)
     in_dims = tuple(None if value is None else 0 for value in args)
-    query_losses, support_losses, kept = vmap(one_task, in_dims=in_dims)(*args)
+    # Random layers (Dropout) draw their own masks for every task.
+    batched = vmap(one_task, in_dims=in_dims, randomness="different")
+    query_losses, support_losses, kept = batched(*args)
     return query_losses.mean(), (query_losses, support_losses, kept)
 
 
@@ -196,7 +141,8 @@ class VmapEngine(Engine):
         lrs = dict(loop.lrs or {})
         fn = partial(_meta_batch, module, loop, meta_grad, keep_params, query)
         args = (trainable, lrs, frozen, buffers, task, loop.batch_indices)
-        with batch_statistics(module):
+        second_order = meta_grad is MetaGrad.SECOND_ORDER
+        with exact_layers(module, vectorised=True, second_order=second_order):
             if meta_grad is MetaGrad.NONE:
                 with torch.no_grad():
                     _, aux = fn(*args)
@@ -241,17 +187,23 @@ class VmapEngine(Engine):
     ) -> Any:
         try:
             return compiled(*args)
-        except Exception as error:  # any compiler failure: run eagerly from now on
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:
+            # Run eagerly: if that fails too, the input is at fault and its error is the
+            # one to see (compiling stays on); if it succeeds, the compiler failed.
+            result = eager(*args)
             self.compile = False
             self._compiled.clear()
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             warnings.warn(
-                f"compile=True: torch.compile failed ({type(error).__name__}: {first_line}); "
-                f"running the vectorised engine uncompiled from now on",
+                f"compile=True: torch.compile failed on this model ({type(error).__name__}: "
+                f"{first_line}) where the uncompiled vectorised engine runs; running it "
+                f"uncompiled from now on",
                 RuntimeWarning,
                 stacklevel=5,
             )
-            return eager(*args)
+            return result
 
 
-__all__ = ["VmapEngine", "batch_statistics"]
+__all__ = ["VmapEngine"]

@@ -1,0 +1,318 @@
+"""Layers whose torch kernels give wrong or missing meta-gradients, computed another way.
+
+Measured on torch 2.13 (float64, against a per-task loop and finite differences):
+
+- Under ``vmap`` with per-task weights, the batching rules of batch norm, layer norm and
+  instance norm give wrong second-order gradients (relative errors from 1e-3 to far
+  above 1), instance norm leaks gradient into a conv bias whose true gradient is 0, and
+  embedding backward ignores ``padding_idx`` (the padding row gets gradient, first order
+  too). Instance norm with running statistics is refused by its batching rule outright.
+- On any engine, the CPU kernels of scaled-dot-product attention and of embedding bags
+  have no second derivative ("derivative for ... is not implemented"), and the second
+  derivative of ``torch._weight_norm`` (weight normalisation) is wrong (relative errors
+  of 1e-3 after one inner step, 1e-1 after two, against finite differences).
+
+While an engine runs, :func:`exact_layers` routes those functional calls (``F.batch_norm``,
+``F.layer_norm``, ``F.instance_norm``, ``F.embedding``, ``F.embedding_bag``,
+``torch._weight_norm``) to forms
+written from their definitions, which differentiate correctly to any order under
+``vmap``, and selects the math kernel of scaled-dot-product attention for second-order
+meta-gradients. Outputs are unchanged; running statistics are never updated (the model's
+buffers are never written, as everywhere in fastmeta).
+
+:func:`refused_layer` names the layers no engine can run exactly (an embedding with
+``max_norm`` rewrites its weight in place on every forward), and
+:func:`unvectorisable_layer` those ``vmap`` cannot run at all (fused recurrent kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def _channel_shape(input: Tensor) -> list[int]:
+    return [1, -1] + [1] * (input.dim() - 2)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``F.batch_norm`` without running-statistics updates, from its definition."""
+    shape = _channel_shape(input)
+    if training or running_mean is None or running_var is None:
+        dims = [0, *range(2, input.dim())]
+        mean = input.mean(dims, keepdim=True)
+        var = input.var(dims, unbiased=False, keepdim=True)
+    else:
+        mean, var = running_mean.view(shape), running_var.view(shape)
+    return _affine((input - mean) * torch.rsqrt(var + eps), weight, bias, shape)
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``F.instance_norm`` without running-statistics updates, from its definition."""
+    shape = _channel_shape(input)
+    if use_input_stats or running_mean is None or running_var is None:
+        dims = list(range(2, input.dim()))
+        mean = input.mean(dims, keepdim=True)
+        var = input.var(dims, unbiased=False, keepdim=True)
+    else:
+        mean, var = running_mean.view(shape), running_var.view(shape)
+    return _affine((input - mean) * torch.rsqrt(var + eps), weight, bias, shape)
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: list[int] | tuple[int, ...],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``F.layer_norm`` from its definition."""
+    dims = list(range(input.dim() - len(normalized_shape), input.dim()))
+    mean = input.mean(dims, keepdim=True)
+    var = input.var(dims, unbiased=False, keepdim=True)
+    output = (input - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        output = output * weight
+    if bias is not None:
+        output = output + bias
+    return output
+
+
+def _affine(output: Tensor, weight: Tensor | None, bias: Tensor | None,
+            shape: list[int]) -> Tensor:
+    if weight is not None:
+        output = output * weight.view(shape)
+    if bias is not None:
+        output = output + bias.view(shape)
+    return output
+
+
+def _without_padding_gradient(weight: Tensor, padding_idx: int) -> Tensor:
+    """``weight`` whose row ``padding_idx`` is a constant: it gets no gradient, of any order."""
+    keep = torch.ones(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+    keep[padding_idx] = 0
+    return weight * keep + (weight * (1 - keep)).detach()
+
+
+def embedding(
+    input: Tensor,
+    weight: Tensor,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+) -> Tensor:
+    """``F.embedding`` whose padding row gets no gradient under ``vmap`` either."""
+    if padding_idx is not None:
+        weight = _without_padding_gradient(weight, padding_idx % weight.shape[0])
+    return F.embedding(input, weight, None, max_norm, norm_type, scale_grad_by_freq, sparse)
+
+
+def embedding_bag(
+    input: Tensor,
+    weight: Tensor,
+    offsets: Tensor | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2,
+    scale_grad_by_freq: bool = False,
+    mode: str = "mean",
+    sparse: bool = False,
+    per_sample_weights: Tensor | None = None,
+    include_last_offset: bool = False,
+    padding_idx: int | None = None,
+) -> Tensor:
+    """``F.embedding_bag`` of fixed-length bags (2-D input) as embedding + reduction.
+
+    Other forms (1-D input with ``offsets``) go to torch's kernel unchanged.
+    """
+    if input.dim() != 2 or offsets is not None or max_norm is not None:
+        return F.embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq,
+                               mode, sparse, per_sample_weights, include_last_offset,
+                               padding_idx)
+    vectors = embedding(input, weight, padding_idx, None, norm_type, scale_grad_by_freq)
+    present = torch.ones_like(input, dtype=weight.dtype)
+    if padding_idx is not None:
+        present = (input != padding_idx % weight.shape[0]).to(weight.dtype)
+    if per_sample_weights is not None:
+        vectors = vectors * per_sample_weights.unsqueeze(-1)
+    vectors = vectors * present.unsqueeze(-1)
+    if mode == "sum":
+        return vectors.sum(-2)
+    if mode == "mean":
+        return vectors.sum(-2) / present.sum(-1, keepdim=True).clamp_min(1)
+    empty = torch.finfo(weight.dtype).min
+    masked = vectors.masked_fill(present.unsqueeze(-1) == 0, empty).amax(-2)
+    return torch.where(present.sum(-1, keepdim=True) > 0, masked, torch.zeros_like(masked))
+
+
+class _ExactFunctions(torch.overrides.TorchFunctionMode):
+    """Sends the functional calls in ``routes`` to their replacements."""
+
+    def __init__(self, routes: dict[Callable[..., Any], Callable[..., Tensor]]) -> None:
+        super().__init__()
+        self.routes = routes
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        route = self.routes.get(func)
+        return func(*args, **kwargs) if route is None else route(*args, **kwargs)
+
+
+def weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
+    """``torch._weight_norm`` (``g * v / ‖v‖``, the norm over every dim but ``dim``)."""
+    dims = [d for d in range(v.dim()) if d != dim % max(v.dim(), 1)] if dim != -1 else None
+    return v * (g / torch.linalg.vector_norm(v, dim=dims, keepdim=dims is not None))
+
+
+_VMAP_ROUTES: dict[type[nn.Module], dict[Callable[..., Any], Callable[..., Tensor]]] = {
+    nn.modules.batchnorm._BatchNorm: {F.batch_norm: batch_norm},
+    nn.modules.instancenorm._InstanceNorm: {F.instance_norm: instance_norm},
+    nn.LayerNorm: {F.layer_norm: layer_norm},
+    nn.Embedding: {F.embedding: embedding},
+    nn.EmbeddingBag: {F.embedding_bag: embedding_bag},
+}
+# Modules made of layer norms (a model calling F.layer_norm itself is caught by the
+# first-step check of engine="auto" instead).
+_HOLDS_LAYER_NORM = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.Transformer)
+
+
+def _routes(module: nn.Module, *, vectorised: bool, second_order: bool
+            ) -> dict[Callable[..., Any], Callable[..., Tensor]]:
+    routes: dict[Callable[..., Any], Callable[..., Tensor]] = {}
+    for sub in module.modules():
+        if vectorised:
+            for kind, functions in _VMAP_ROUTES.items():
+                if isinstance(sub, kind):
+                    routes.update(functions)
+            if isinstance(sub, _HOLDS_LAYER_NORM):
+                routes[F.layer_norm] = layer_norm
+        if second_order and isinstance(sub, nn.EmbeddingBag):
+            routes[F.embedding_bag] = embedding_bag
+        if second_order and _has_weight_norm(sub):
+            routes[torch._weight_norm] = weight_norm
+    return routes
+
+
+def _has_weight_norm(module: nn.Module) -> bool:
+    """``torch.nn.utils.parametrizations.weight_norm`` or the older hook-based form."""
+    if type(module).__name__ == "_WeightNorm":
+        return True
+    return any(type(hook).__name__ == "WeightNorm" for hook in module._forward_pre_hooks.values())
+
+
+@contextlib.contextmanager
+def exact_layers(module: nn.Module, *, vectorised: bool, second_order: bool) -> Iterator[None]:
+    """Run the block with the exact forms of the layers ``module`` holds.
+
+    Args:
+        module: the model the engine runs.
+        vectorised: the block runs under ``vmap`` (normalisation and embedding layers are
+            replaced, and BatchNorm skips its running-statistics update).
+        second_order: the block is differentiated twice (attention uses the math kernel,
+            fixed-length embedding bags become embedding + reduction, weight norm is
+            computed from its definition).
+    """
+    routes = _routes(module, vectorised=vectorised, second_order=second_order)
+    switched = []
+    if vectorised:  # in-place statistics updates (and their counter) cannot run under vmap
+        switched = [m for m in module.modules()
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                    and m.training and m.track_running_stats]
+    for m in switched:
+        m.track_running_stats = False
+    try:
+        with contextlib.ExitStack() as stack:
+            if routes:
+                stack.enter_context(_ExactFunctions(routes))
+            if second_order:
+                stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            yield
+    finally:
+        for m in switched:
+            m.track_running_stats = True
+
+
+def refused_layer(model: nn.Module) -> str | None:
+    """Why no engine can meta-learn ``model`` exactly, or ``None``."""
+    for name, sub in model.named_modules():
+        if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)) and sub.max_norm is not None:
+            return (
+                f"submodule {name!r} is a {type(sub).__name__} with max_norm={sub.max_norm}, "
+                f"which rewrites its weight in place on every forward: meta-gradients through "
+                f"it are undefined and adapt() could not leave the model untouched. Build it "
+                f"with max_norm=None, or rescale the looked-up vectors in forward() without "
+                f"writing to the weight"
+            )
+        if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)) and sub.sparse:
+            return (
+                f"submodule {name!r} is a {type(sub).__name__} with sparse=True: sparse "
+                f"gradients cannot be differentiated through an inner loop; build it with "
+                f"sparse=False"
+            )
+    return None
+
+
+def unvectorisable_layer(model: nn.Module) -> str | None:
+    """Why ``vmap`` cannot run ``model`` over tasks, or ``None``."""
+    for name, sub in model.named_modules():
+        if isinstance(sub, (nn.RNNBase, nn.RNNCellBase)):
+            return (
+                f"submodule {name!r} is a {type(sub).__name__}, which torch.func cannot "
+                f"vectorise over tasks (its fused kernel has no batching rule for per-task "
+                f"weights)"
+            )
+    return None
+
+
+_RANDOM = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+           F.feature_alpha_dropout)
+
+
+class _NoRandomness(torch.overrides.TorchFunctionMode):
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in _RANDOM:
+            return args[0] if args else kwargs["input"]
+        if func is F.scaled_dot_product_attention:  # (q, k, v, attn_mask, dropout_p, ...)
+            if len(args) > 4:
+                args = (*args[:4], 0.0, *args[5:])
+            else:
+                kwargs = {**kwargs, "dropout_p": 0.0}
+        return func(*args, **kwargs)
+
+
+def without_randomness() -> contextlib.AbstractContextManager[Any]:
+    """Dropout (functional calls and attention dropout) becomes the identity in the block.
+
+    Used where two engines must compute the same thing: their random masks differ.
+    """
+    return _NoRandomness()

@@ -1,0 +1,101 @@
+"""Models no one here wrote: Hugging Face BERT and GPT-2 from tiny configs (no downloads)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import fastmeta
+from tests._zoo import reference_meta_gradient
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+VOCAB, CLASSES = 20, 3
+
+
+class TextClassifier(nn.Module):
+    """Token ids ``[n, length]`` (0 is padding) to class logits."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind.startswith("bert"):
+            config = transformers.BertConfig(
+                vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=12, max_position_embeddings=16, num_labels=CLASSES,
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
+            self.net = transformers.BertForSequenceClassification(config)
+        else:
+            config = transformers.GPT2Config(
+                vocab_size=VOCAB, n_embd=8, n_layer=1, n_head=2, n_positions=16,
+                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+            self.net = transformers.GPT2Model(config)
+            self.head = nn.Linear(8, CLASSES)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.kind == "bert-masked":
+            return self.net(input_ids=ids, attention_mask=(ids != 0).long()).logits
+        if self.kind == "bert":
+            return self.net(input_ids=ids).logits
+        return self.head(self.net(input_ids=ids).last_hidden_state.mean(1))
+
+
+def _model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    return TextClassifier(kind).double().train()
+
+
+def _task() -> fastmeta.Task:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, VOCAB, (2, 4, 6), generator=g)
+    ids[..., 4:] = 0  # padded sequences
+    labels = torch.randint(0, CLASSES, (2, 4), generator=g)
+    return fastmeta.Task(ids, labels, ids.flip(1), labels.flip(1))
+
+
+KINDS = ["bert", "bert-masked", "gpt2"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_meta_gradient_equals_the_per_task_reference(kind):
+    task = _task()
+    with sdpa_kernel(SDPBackend.MATH):
+        _, expected = reference_meta_gradient(_model(kind), task, algorithm="maml",
+                                              inner_lr=0.1, steps=2, loss=F.cross_entropy)
+    for engine in ("higher", "vmap", "auto"):
+        model = _model(kind)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "engine='auto' uses the 'higher' engine")
+            learner = fastmeta.MAML(model, inner_lr=0.1, inner_steps=2, engine=engine,
+                                    loss_fn="cross_entropy")
+            try:
+                learner.meta_step(task, torch.optim.SGD(learner.parameters(), lr=0.0))
+            except RuntimeError as error:  # torch.func refuses the attention-mask code
+                assert engine == "vmap" and kind == "bert-masked", error
+                assert "vmap" in str(error)
+                continue
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(param.grad, expected[name], rtol=1e-8, atol=1e-12,
+                                       msg=lambda m, n=name, e=engine: f"{e} {n}: {m}")
+        if engine == "auto":  # the fastest exact engine
+            assert learner.engine == ("higher" if kind == "bert-masked" else "vmap")
+
+
+def test_meta_training_a_bert_lowers_its_query_loss():
+    torch.manual_seed(1)
+    model = TextClassifier("bert")  # float32, as users run it
+    learner = fastmeta.MAML(model, inner_lr=0.5, loss_fn="cross_entropy")
+    optimizer = torch.optim.Adam(learner.parameters(), lr=3e-3)
+    task = _task()
+    losses = [learner.meta_step(task, optimizer).loss for _ in range(15)]
+    assert learner.engine == "vmap"
+    assert losses[-1] < losses[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    learner.adapt(task.support_x[0], task.support_y[0], steps=3)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
