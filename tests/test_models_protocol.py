@@ -1,4 +1,4 @@
-"""Every learner on every kind of model the mission names; adapt() is pure."""
+"""Every learner on every kind of model fastmeta promises to run; adapt() is pure."""
 
 from __future__ import annotations
 

@@ -22,8 +22,9 @@ class ANIL(MetaLearner):
 
     Args:
         model: the network to meta-train.
-        head: name of the submodule adapted in the inner loop, as in
-            ``model.named_modules()`` (e.g. ``"head"``, ``"classifier"``, ``"net.4"``).
+        head: required, no default: the name of the submodule adapted in the inner
+            loop, as in ``model.named_modules()`` (e.g. ``"head"`` for
+            ``fastmeta.models``, ``"classifier"``, ``"net.4"``).
         **kwargs: as for :class:`fastmeta.MAML` (``inner_lr``, ``inner_steps``, ...).
 
     Example:
