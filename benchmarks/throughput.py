@@ -51,7 +51,7 @@ fallback elsewhere, reported as "bound only". torch has no allocator statistics 
 and the profiler's memory events give no timeline without private APIs, hence the
 process-level measure.
 
-Targets (from the issue; second order, 1 inner step, 1 thread): fastmeta's default
+Speed targets (second order, 1 inner step, 1 thread): fastmeta's default
 engine >= 10x the higher loop and >= 0.9x the hand-written ``torch.func`` loop;
 ``compile=True`` >= 25x the higher loop; fastmeta's ``higher`` engine >= 0.9x the higher
 loop; peak memory of the default engine <= 1.2x the hand-written loop. They are checked
@@ -523,7 +523,7 @@ def run_memory(threads: int, runs: int) -> dict[str, dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Target:
-    """One target of the issue and how it fared.
+    """One speed target and how it fared.
 
     Attributes:
         name: what is required.
@@ -539,7 +539,7 @@ class Target:
 def check_targets(
     throughput: dict[str, Any], memory: dict[str, Any] | None, compile_skipped: str | None
 ) -> list[Target]:
-    """Check the issue's targets on the second-order, 1-step case."""
+    """Check the speed targets on the second-order, 1-step case."""
     case = throughput.get(case_key(TARGET_CASE))
     rows = case["rows"] if case else {}
     unavailable = case["unavailable"] if case else {}

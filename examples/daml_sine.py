@@ -1,13 +1,13 @@
 """Domain-adaptive meta-learning (DAML) on sine waves: adapt from one unlabelled input.
 
-The seed blog post's experiment. The target is y = sin(x) or y = sin(x + π) on
-x ∈ [-2π, 2π]; which one must be inferred from a single unlabelled source input, drawn
-from [π/4, π/2] for phase 0 and from [-π/2, -π/4] for phase π. The model (1-32-32-1
-ReLU) takes 5 inner SGD steps (α = 0.03) on a learned loss: a network over the model's
-output and both hidden layers, [y, h2, h1] → 32 → 32 → 1, whose output h gives the
-inner loss |h|. The model's initialisation and the loss network are meta-trained
-together on the L1 error on 4 labelled target points per task (Adam 3e-3 with cosine
-decay, 25 tasks per meta-batch, 8,000 iterations).
+The experiment of the “Meta Learning in PyTorch” blog post (2018). The target is
+y = sin(x) or y = sin(x + π) on x ∈ [-2π, 2π]; which one must be inferred from a single
+unlabelled source input, drawn from [π/4, π/2] for phase 0 and from [-π/2, -π/4] for
+phase π. The model (1-32-32-1 ReLU) takes 5 inner SGD steps (α = 0.03) on a learned
+loss: a network over the model's output and both hidden layers, [y, h2, h1] → 32 → 32
+→ 1, whose output h gives the inner loss |h|. The model's initialisation and the loss
+network are meta-trained together on the L1 error on 4 labelled target points per task
+(Adam 3e-3 with cosine decay, 25 tasks per meta-batch, 8,000 iterations).
 
 Afterwards the adapted model is evaluated on 1,000 new tasks (200-point grid) and
 plotted against both candidate waves. The experiment lives in fastmeta.bench.daml, the

@@ -1,6 +1,6 @@
 """Reptile's own sine demo, and a 32-step fine-tuning curve against a random start.
 
-The setup of the Reptile paper's sine example (Nichol et al. 2018) and of the seed posts
+The setup of the Reptile paper's sine example (Nichol et al. 2018) and of the blog posts
 that reproduce it: tasks y = A·sin(x + φ) with A ~ U[0.1, 5], φ ~ U[0, 2π]; MLP 1-64-64-1
 tanh; each meta-iteration trains on one task's 50 grid points in minibatches of 10 with
 SGD 0.02 (5 inner steps = one pass), then moves the initialisation towards the trained

@@ -13,7 +13,7 @@ import fastmeta
 from tests.conftest import make_task, tiny_mlp
 from tests.test_meta_gradients import _gradcheck
 
-FEATURES = ("3", "1")  # tiny_mlp: the second and the first tanh, as the seed's [y, h2, h1]
+FEATURES = ("3", "1")  # tiny_mlp: the second and the first tanh, as the blog post's [y, h2, h1]
 
 
 class LossNet(nn.Module):

@@ -1,4 +1,5 @@
-"""Every learner (tests/_algorithms.py) on every kind of model; adapt() is pure."""
+"""Every learner (tests/_algorithms.py) on every kind of model fastmeta promises to run;
+adapt() is pure."""
 
 from __future__ import annotations
 

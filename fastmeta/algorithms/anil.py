@@ -24,10 +24,11 @@ class ANIL(MetaLearner):
 
     Args:
         model: the network to meta-train.
-        head: name of the submodule adapted in the inner loop, as in
-            ``model.named_modules()`` (e.g. ``"head"``, ``"classifier"``, ``"net.4"``).
-        inner_lr, inner_steps, first_order, loss_fn, inner_optimizer,
-            inner_optimizer_kwargs, engine, compile, verify_engine: as for
+        head: required, no default: the name of the submodule adapted in the inner
+            loop, as in ``model.named_modules()`` (e.g. ``"head"`` for
+            ``fastmeta.models``, ``"classifier"``, ``"net.4"``).
+        inner_lr, inner_steps, first_order, loss_fn: as for :class:`fastmeta.MAML`.
+        inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine: as for
             :class:`fastmeta.MAML`.
 
     Example:

@@ -43,8 +43,8 @@ class DAML(MetaLearner):
         adaptation_loss: ``adaptation_loss(output, *features) -> scalar``; an
             ``nn.Module`` (its parameters become meta-parameters, in
             ``learner.parameters()`` and ``learner.state_dict()``) or any callable.
-            For the DAML paper's loss network, which outputs a value ``h`` per input, return
-            ``h.abs().mean()``.
+            For the loss network of the “Meta Learning in PyTorch” blog post, which
+            outputs a value ``h`` per input, return ``h.abs().mean()``.
         inner_lr: inner learning rate α.
         inner_steps: inner steps per task.
         features: names of submodules whose outputs ``adaptation_loss`` receives after

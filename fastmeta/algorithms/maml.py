@@ -32,9 +32,11 @@ class MAML(MetaLearner):
         loss_fn: ``loss_fn(prediction, target)``; default mean squared error.
         inner_optimizer: ``"sgd"`` (default), ``"adam"``, ``"adamw"``, ... or a torch.optim class.
         inner_optimizer_kwargs: its settings (``momentum``, ``betas``, ``weight_decay``, ...).
-        engine: ``"auto"`` (default), ``"vmap"`` or ``"higher"``; see
-            :attr:`fastmeta.MetaLearner.engine_decision`.
-        compile: ``torch.compile`` the vectorised meta-step.
+        engine: ``"auto"`` (default: ``"vmap"`` where a check finds it exact for the model,
+            ``"higher"`` otherwise, with a warning naming the reason), ``"vmap"`` or
+            ``"higher"``.
+        compile: ``torch.compile`` the vectorised meta-step (``"vmap"`` engine only;
+            falls back to uncompiled with one warning if compiling fails).
         verify_engine: let ``engine="auto"`` check the vectorised engine once.
 
     Example:

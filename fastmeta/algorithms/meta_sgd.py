@@ -29,9 +29,10 @@ class MetaSGD(MetaLearner):
     Args:
         model: the network to meta-train.
         inner_lr: initial value of every rate.
-        inner_steps, first_order, loss_fn, inner_optimizer, inner_optimizer_kwargs, engine,
-            compile, verify_engine: as for :class:`fastmeta.MAML`. With another inner
-            optimiser than SGD, the learned rates scale that optimiser's step.
+        inner_steps, first_order, loss_fn: as for :class:`fastmeta.MAML`.
+        inner_optimizer, inner_optimizer_kwargs: as for :class:`fastmeta.MAML`; with
+            another inner optimiser than SGD, the learned rates scale that optimiser's step.
+        engine, compile, verify_engine: as for :class:`fastmeta.MAML`.
 
     Example:
         >>> learner = fastmeta.MetaSGD(model, inner_lr=0.01)

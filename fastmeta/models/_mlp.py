@@ -24,9 +24,9 @@ class SineMLP(nn.Module):
         hidden: width of each hidden layer (its length is the depth).
         activation: ``"relu"`` or ``"tanh"``.
         init: ``"torch"`` (PyTorch's default), ``"fan_in"`` (weights U(±1/√fan_in), zero
-            biases, as in the seed PyTorch MAML post) or ``"xavier"`` (weights and biases
-            U(±√(6/(fan_in+fan_out))), as in the seed Flux post, which found it avoids
-            divergence on the sine problem).
+            biases, as in the “Meta Learning in PyTorch” blog post) or ``"xavier"``
+            (weights and biases U(±√(6/(fan_in+fan_out))), as in the “Meta-Learning with
+            Julia & Flux” blog post, which found it avoids divergence on the sine problem).
 
     Example:
         >>> model = SineMLP(hidden=(64, 64), activation="tanh", init="xavier")
