@@ -4,8 +4,8 @@
   optimiser higher knows.
 - ``"vmap"``: ``torch.func`` (``functional_call`` + ``grad`` + ``vmap`` over tasks), the
   fast path; optionally ``torch.compile``d.
-- ``"loop"``: the same ``torch.func`` computation task by task, without ``vmap``: the
-  memory of one task, and no batching rule involved.
+- ``"loop"``: ``functional_call`` and autograd, task by task: the memory of one task,
+  and no batching rule involved.
 - ``"auto"`` (default): ``"vmap"`` where a first-call check finds it exact for the model,
   ``"higher"`` otherwise, with a warning that names the reason.
 
