@@ -507,7 +507,7 @@ class MetaLearner(nn.Module):
     def _supervised_inner(self) -> bool:
         objective = self.inner_objective()
         while isinstance(objective, Proximal):
-            objective = objective.base  # type: ignore[assignment]
+            objective = objective.base
         return isinstance(objective, SupervisedLoss)
 
     def _check_loss(self, task: TaskBatch, *, query: bool = True) -> None:

@@ -84,11 +84,11 @@ def select_parameters(model: nn.Module, selection: Selection, *, argument: str =
     for entry in entries:
         ids = _matches(model, entry, argument)
         if not ids:
-            names = [name for name, _ in model.named_parameters()]
+            every = [name for name, _ in model.named_parameters()]
             raise ValueError(
                 f"{argument}={_describe(entry)} matches no parameter of the model; its "
-                f"parameters are named like {names[:6]}"
-                + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+                f"parameters are named like {every[:6]}"
+                + (f" and {len(every) - 6} more" if len(every) > 6 else "")
                 + ". Pass parameter or submodule names, glob patterns ('*.bias'), "
                 "submodules, parameters or a predicate (name, parameter) -> bool"
             )
