@@ -455,13 +455,16 @@ class MetaLearner(nn.Module):
 
     def inner_loop(self, task: TaskBatch, steps: int) -> InnerLoop:
         """The inner loop of ``steps`` steps for the tasks of ``task``, from the parts above."""
+        batch_indices = self.support_schedule(task, steps)
+        if batch_indices is not None:
+            task.check_per_example("minibatch inner steps (support_schedule)")
         return InnerLoop(
             adapted=self.adapted_names(),
             objective=self.inner_objective(),
             optimizer=self.inner_optimizer,
             rates=self.inner_rates(),
             steps=steps,
-            batch_indices=self.support_schedule(task, steps),
+            batch_indices=batch_indices,
             step_params=self.step_parameters(),
         )
 

@@ -51,6 +51,23 @@ class TaskBatch(NamedTuple):
         """Number of support examples per task (the second dimension)."""
         return int(first_leaf(self.support_x).shape[1])
 
+    def check_per_example(self, why: str) -> None:
+        """Raise unless every support and query leaf is ``[tasks, shots, ...]`` with the
+        shots of its part (``why`` says what needs it, e.g. minibatch inner steps)."""
+        for name in ("support_x", "support_y", "query_x", "query_y"):
+            tree = getattr(self, name)
+            found = leaves(tree)
+            if not found:
+                continue
+            shots = int(leaves(getattr(self, name[:-1] + "x"))[0].shape[1])
+            odd = [tuple(leaf.shape) for leaf in found if int(leaf.shape[1]) != shots]
+            if odd:
+                raise ValueError(
+                    f"{why} needs every tensor of {name} to be [tasks, shots, ...] with "
+                    f"{shots} shots, but it holds tensors of shape {odd} (per-task context "
+                    f"such as a graph's edges); use full-batch steps for such inputs"
+                )
+
 
 def _pair(batch: Mapping[str, Any], keys: tuple[str, ...], role: str) -> tuple[Any, Any]:
     """``(inputs, targets)`` of one half; a support set may be inputs alone."""
@@ -150,6 +167,10 @@ def validate_task(task: TaskBatch) -> None:
     """Check shapes: same task count everywhere, same example count for x and y.
 
     Inputs and targets may be trees (tuples, mappings) of tensors: every leaf is checked.
+    Every leaf has the tasks along dim 0; the examples of a part are dim 1 of its first
+    leaf. Other leaves usually share it (``[tasks, shots, ...]``), but need not: a leaf of
+    per-task context, such as the ``edge_index`` ``[tasks, 2, edges]`` of one graph per
+    task, is passed to the model whole.
     """
     heads: dict[str, tuple[int, int]] = {}
     for name, value in zip(TaskBatch._fields, task):
@@ -165,10 +186,11 @@ def validate_task(task: TaskBatch) -> None:
                 )
             if first is None:
                 first = (where, leaf)
-            elif leaf.shape[:2] != first[1].shape[:2]:
+            elif leaf.shape[0] != first[1].shape[0]:
                 raise ValueError(
-                    f"every tensor of {name} must agree on [tasks, examples]: {first[0]} is "
-                    f"{tuple(first[1].shape[:2])} but {where} is {tuple(leaf.shape[:2])}"
+                    f"every tensor of {name} must have one slice per task along dim 0: "
+                    f"{first[0]} holds {first[1].shape[0]} tasks but {where} holds "
+                    f"{leaf.shape[0]}"
                 )
         assert first is not None
         heads[name] = (int(first[1].shape[0]), int(first[1].shape[1]))
@@ -227,7 +249,7 @@ def single_task(x: Tree, y: Tree | None, name_x: str = "x", name_y: str = "y") -
                 )
             if leaf.shape[0] == 0:
                 raise ValueError(f"{where} is empty: adapt needs at least one support example")
-    shots = {int(leaf.shape[0]) for leaf in leaves(x) + leaves(y)}
+    shots = {int(leaf.shape[0]) for leaf in leaves(x)[:1] + leaves(y)}
     if len(shots) > 1:
         raise ValueError(
             f"{name_x} and {name_y} must hold the same number of examples along dim 0, got "

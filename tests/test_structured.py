@@ -455,13 +455,55 @@ def test_numpy_tasks_are_converted_at_the_data_boundary():
                                            torch.zeros(1, 1)))
 
 
-def test_tree_leaves_must_agree_on_tasks_and_shots():
-    x = (torch.randn(2, 5, 3), torch.randn(2, 4, 2))
-    with pytest.raises(ValueError, match=r"every tensor of support_x must agree on \[tasks, "
-                                         r"examples\]: support_x\[0\] is \(2, 5\) but "
-                                         r"support_x\[1\] is \(2, 4\)"):
+def test_tree_leaves_must_agree_on_tasks():
+    x = (torch.randn(2, 5, 3), torch.randn(3, 5, 2))
+    with pytest.raises(ValueError, match=r"every tensor of support_x must have one slice per "
+                                         r"task along dim 0: support_x\[0\] holds 2 tasks but "
+                                         r"support_x\[1\] holds 3"):
         fastmeta.MAML(_build(TwoInputs), inner_lr=0.1).prepare(
             {"train": [x, torch.randn(2, 5, 1)], "test": [x, torch.randn(2, 5, 1)]})
+
+
+class Graph(nn.Module):
+    """Node classification on one graph: ``forward(x [nodes, F], edge_index [2, edges])``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.head = nn.Linear(3, 6), nn.Linear(6, 2)
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        source, target = edge_index
+        h = torch.tanh(self.lin(x))
+        return self.head(h + torch.zeros_like(h).index_add(0, target, h[source]))
+
+
+def _graphs(seed: int = 0) -> dict[str, list[Any]]:
+    """One graph per task: nodes are the examples; edge_index [tasks, 2, edges] is context."""
+    g = torch.Generator().manual_seed(seed)
+
+    def part(nodes: int) -> list[Any]:
+        x = torch.randn(TASKS, nodes, 3, generator=g, dtype=torch.float64)
+        edges = torch.randint(0, nodes, (TASKS, 2, 7), generator=g)
+        return [(x, edges), torch.randint(0, 2, (TASKS, nodes), generator=g)]
+
+    return {"train": part(5), "test": part(6)}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_graph_inputs_with_per_task_edges(engine):
+    batch = _graphs()
+    expected = reference(_build(Graph), batch, "cross_entropy")
+    learner = fastmeta.MAML(_build(Graph), inner_lr=INNER_LR, inner_steps=STEPS,
+                            loss_fn="cross_entropy", engine=engine)
+    _assert_equal(_meta_gradient(learner, batch), expected)
+    (x, edges), _ = batch["test"]
+    assert learner.adapt_many(batch)((x, edges)).shape == (TASKS, 6, 2)
+    reptile = fastmeta.Reptile(_build(Graph), inner_lr=0.1, inner_steps=2, inner_batch_size=2,
+                               loss_fn="cross_entropy", engine=engine)
+    with pytest.raises(ValueError, match=r"inner_batch_size=2 needs every tensor of support_x "
+                                         r"to be \[tasks, shots, \.\.\.\] with 5 shots.*"
+                                         r"\(3, 2, 7\)"):
+        _step(reptile, batch)
 
 
 def test_collated_keyword_inputs_train():

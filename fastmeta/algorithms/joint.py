@@ -75,6 +75,7 @@ class JointTraining(MetaLearner):
     def _pooled_losses(self, task: TaskBatch) -> Tensor:
         """``[tasks]`` loss of the model on all of each task's examples."""
         assert task.support_y is not None  # prepare refuses unlabelled support sets
+        task.check_per_example("JointTraining (which pools every task's examples)")
         x = zip_map(lambda s, q: torch.cat([s, q], dim=1), task.support_x, task.query_x)
         y = zip_map(lambda s, q: torch.cat([s, q], dim=1), task.support_y, task.query_y)
         tasks, shots = first_leaf(x).shape[:2]

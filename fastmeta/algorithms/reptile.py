@@ -83,6 +83,7 @@ class Reptile(MetaLearner):
     def support_schedule(self, task: TaskBatch, steps: int) -> Tensor | None:
         if self.inner_batch_size is None or steps == 0:
             return None
+        task.check_per_example(f"inner_batch_size={self.inner_batch_size}")
         shots = task.support_shots
         if self.inner_batch_size > shots:
             raise ValueError(
