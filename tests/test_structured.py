@@ -528,3 +528,34 @@ def test_collated_keyword_inputs_train():
         warnings.simplefilter("error")
         result = _step(learner, batch)
     assert np.isfinite(result.loss)
+
+
+class NormedTwoInputs(TwoInputs):
+    """Two inputs and a BatchNorm with running statistics, in train mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(5)
+
+    def forward(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        h = torch.tanh(self.norm(self.a(x) + self.b(z)))
+        return self.head(h), h
+
+
+@pytest.mark.parametrize("engine", ["vmap", "higher"])
+def test_adapt_and_meta_loss_on_tuple_inputs_leave_batch_norm_untouched(engine):
+    model = _build(NormedTwoInputs).train()
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    learner = fastmeta.MAML(model, inner_lr=INNER_LR, inner_steps=STEPS, engine=engine)
+    batch = _draw("tuple")
+    (sx, sy), (qx, _) = batch["train"], batch["test"]
+    adapted = learner.adapt((sx[0][0], sx[1][0]), sy[0])
+    prediction, _ = adapted(qx[0][0], qx[1][0])
+    assert prediction.shape == (SHOTS + 1, 1)
+    many = learner.adapt_many(batch)
+    outputs = many(qx)
+    assert isinstance(outputs, tuple) and outputs[0].shape == (TASKS, SHOTS + 1, 1)
+    learner.meta_loss(batch)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert all(p.grad is None for p in model.parameters())
