@@ -201,8 +201,8 @@ class AdaptedTasks:
             (a tensor, or a tuple, dict or ``ModelOutput`` of ``[tasks, ...]`` tensors).
         """
         x = normalise(x)
-        bad = [tuple(leaf.shape) for leaf in leaves(x)
-               if not isinstance(leaf, Tensor) or leaf.dim() == 0 or leaf.shape[0] != len(self)]
+        bad = [leaf for leaf in leaves(x) if not (
+            isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == len(self))]
         if bad or not leaves(x):
             raise ValueError(
                 f"x must have one slice per adapted task along dim 0: expected {len(self)}, "
