@@ -29,6 +29,8 @@ from ._learner import (
     MetaLearner,
     MetaStepResult,
 )
+from ._losses import LOSSES, Loss
+from ._selection import select_parameters
 from ._task import TaskBatch
 from .algorithms import (
     ANIL,
@@ -55,6 +57,7 @@ __all__ = [
     "FOMAML",
     "IMAML",
     "INNER_OPTIMIZERS",
+    "LOSSES",
     "MAML",
     "MAMLPlusPlus",
     "AdaptedModel",
@@ -62,6 +65,7 @@ __all__ = [
     "DivergenceError",
     "GradcheckReport",
     "JointTraining",
+    "Loss",
     "MetaLearner",
     "MetaSGD",
     "MetaStepResult",
@@ -75,6 +79,7 @@ __all__ = [
     "engines",
     "gradcheck",
     "models",
+    "select_parameters",
 ]
 
 # Imported on first use, so that ``import fastmeta`` stays light.

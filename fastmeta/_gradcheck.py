@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ._learner import MetaLearner
 from ._task import TaskBatch, as_task
+from ._tree import tree_map
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,9 @@ def gradcheck(
             f"the same model with first_order=False, e.g. fastmeta.MAML(model, ...)"
         )
     reference = copy.deepcopy(learner).double()
-    task = TaskBatch(*(  # type: ignore[arg-type]
-        t.double() if t is not None and t.is_floating_point() else t for t in as_task(batch)
-    ))
+    task = TaskBatch(*(
+        tree_map(lambda v: v.double() if v.is_floating_point() else v, t)
+        for t in as_task(batch)))
 
     def meta_loss() -> Tensor:
         with torch.random.fork_rng(devices=[]):

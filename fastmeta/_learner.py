@@ -12,13 +12,25 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._inner_optim import InnerOptimizer, resolve_inner_optimizer
-from ._objectives import SupervisedLoss
+from ._losses import Loss, label_problem, resolve_named, shape_problem
+from ._objectives import Proximal, SupervisedLoss
+from ._selection import Selection, select
 from ._task import TaskBatch, as_task, single_task, to_model
+from ._tree import (
+    Tree,
+    apply,
+    call,
+    describe,
+    index,
+    leaves,
+    normalise,
+    stack,
+    tree_map,
+)
 from .engines import (
     Adaptation,
     AutoEngine,
@@ -35,7 +47,7 @@ from .engines import (
     without_randomness,
 )
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+LossFn = Callable[[Any, Any], Tensor]
 
 # ``sync(learner, local)`` runs ``local()`` (this process's meta-gradient, written into
 # ``.grad``) and returns the losses of the whole meta-batch, with ``.grad`` combined over
@@ -67,12 +79,6 @@ class _Same(Mapping[str, float]):
 
     def __len__(self) -> int:
         return 0
-
-_LOSSES: dict[str, LossFn] = {
-    "mse": F.mse_loss,
-    "l1": F.l1_loss,
-    "cross_entropy": F.cross_entropy,
-}
 
 
 class DivergenceError(FloatingPointError):
@@ -134,15 +140,15 @@ class AdaptedModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model's forward with the adapted weights.
 
-        Floating-point tensor inputs are cast to the weights' dtype and device, as
-        :meth:`MetaLearner.adapt` casts the support set.
+        Arguments are passed to the model as they are (several positional and keyword
+        inputs too); floating-point tensors among them are cast to the weights' dtype and
+        device, as :meth:`MetaLearner.adapt` casts the support set.
         """
         # Buffers are cloned per call so that BatchNorm in train mode cannot write into them.
         state = {**self.params, **{k: v.clone() for k, v in self.buffers.items()}}
         reference = next(iter(self.params.values()), None)
         if reference is not None:
-            args = tuple(_like(a, reference) for a in args)
-            kwargs = {k: _like(v, reference) for k, v in kwargs.items()}
+            args, kwargs = tree_map(lambda a: _like(a, reference), (args, kwargs))
         return functional_call(self.module, state, args, kwargs)
 
     def named_parameters(self) -> Iterator[tuple[str, Tensor]]:
@@ -183,22 +189,32 @@ class AdaptedTasks:
             self.support_losses[index],
         )
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """Outputs of every adapted model on its own inputs: ``x`` is ``[tasks, n, ...]``."""
-        if x.shape[0] != len(self):
+    def __call__(self, x: Tree) -> Any:
+        """Outputs of every adapted model on its own inputs.
+
+        Args:
+            x: ``[tasks, n, ...]``, or a tuple (positional inputs) or mapping (keyword
+                inputs) of such tensors, as the support set was given.
+
+        Returns:
+            The model's outputs with a leading task dimension, in the model's own structure
+            (a tensor, or a tuple, dict or ``ModelOutput`` of ``[tasks, ...]`` tensors).
+        """
+        x = normalise(x)
+        bad = [leaf for leaf in leaves(x) if not (
+            isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == len(self))]
+        if bad or not leaves(x):
             raise ValueError(
                 f"x must have one slice per adapted task along dim 0: expected {len(self)}, "
-                f"got shape {tuple(x.shape)}"
+                f"got shape {describe(x)}"
             )
         reference = next(iter(self.params.values()), None)
         if reference is not None:
-            x = _like(x, reference)
+            x = tree_map(lambda v: _like(v, reference), x)
         if not self.buffers:  # one vectorised call; buffers (BatchNorm) go task by task
-            return torch.func.vmap(lambda p, xt: functional_call(self.module, p, (xt,)),
-                                   randomness="different")(
-                self.params, x
-            )
-        return torch.stack([self[t](x[t]) for t in range(len(self))])
+            return torch.func.vmap(lambda p, xt: call(self.module, p, xt),
+                                   randomness="different")(self.params, x)
+        return stack([apply(self[t], index(x, t)) for t in range(len(self))])
 
 
 def _like(value: Any, reference: Tensor) -> Any:
@@ -243,13 +259,12 @@ def check_steps(name: str, value: object, minimum: int) -> int:
 
 
 def resolve_loss(loss_fn: str | LossFn | None) -> LossFn:
-    """``None`` → mean squared error; a name from ``mse``, ``l1``, ``cross_entropy``; a callable."""
+    """``None`` → mean squared error; a name from ``mse``, ``l1``, ``cross_entropy`` (a
+    checked :class:`fastmeta.Loss` on the model's raw output); a callable."""
     if loss_fn is None:
-        return F.mse_loss
+        return Loss("mse")
     if isinstance(loss_fn, str):
-        if loss_fn not in _LOSSES:
-            raise ValueError(f"unknown loss_fn {loss_fn!r}; choose one of {list(_LOSSES)}")
-        return _LOSSES[loss_fn]
+        return resolve_named(loss_fn)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (prediction, target) -> loss, got {loss_fn!r}")
     return loss_fn
@@ -272,8 +287,14 @@ class MetaLearner(nn.Module):
         inner_lr: learning rate of the inner (adaptation) loop.
         inner_steps: number of inner steps in ``meta_step`` and, by default, ``adapt``.
         first_order: treat inner gradients as constants (no second derivatives).
-        loss_fn: ``loss_fn(prediction, target) -> scalar`` for both loops; default MSE.
-            Names: ``"mse"``, ``"l1"``, ``"cross_entropy"``.
+        loss_fn: ``loss_fn(output, target) -> scalar`` for both loops, given the model's
+            output as it is; default MSE. Names: ``"mse"``, ``"l1"``, ``"cross_entropy"``
+            (a :class:`fastmeta.Loss`: it reads the prediction from a tensor, tuple, dict or
+            ``ModelOutput`` and checks shapes, dtypes and label ranges first).
+        adapt: the parameters the inner loop adapts (default: every trainable one): names,
+            submodule names, glob patterns (``"*.bias"``), submodules, parameters, a
+            predicate ``(name, parameter) -> bool``, or a list of these, matched by
+            identity (tied weights work). The others are meta-learned but fixed per task.
         inner_optimizer: ``"sgd"`` (default), ``"adam"``, ``"adamw"``, another name from
             ``fastmeta.INNER_OPTIMIZERS``, or the matching ``torch.optim`` class.
         inner_optimizer_kwargs: its settings (``momentum``, ``betas``, ...), without ``lr``.
@@ -301,6 +322,7 @@ class MetaLearner(nn.Module):
         engine: str = "auto",
         compile: bool = False,
         verify_engine: bool = True,
+        adapt: Selection | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -315,6 +337,11 @@ class MetaLearner(nn.Module):
                 "nothing to meta-learn"
             )
         self.module = model
+        self._selected: tuple[str, ...] | None = None if adapt is None else select(model, adapt)
+        # Shapes of one support example (each input leaf), once a batch has been seen.
+        self._example_shapes: list[tuple[int, ...]] | None = None
+        # Input signature -> (prediction shape after the examples dim, prediction dtype).
+        self._output_specs: dict[Any, tuple[tuple[int, ...], torch.dtype] | None] = {}
         self.inner_lr = _check_positive_number("inner_lr", inner_lr)
         self.inner_steps = check_steps("inner_steps", inner_steps, 1)
         self.first_order = bool(first_order)
@@ -387,12 +414,12 @@ class MetaLearner(nn.Module):
             raise ValueError("no task to probe")
         memo = {id(self._engine): engine, id(self.meta_gradient_sync): None}
         clone = copy.deepcopy(self, memo)
-        first = TaskBatch(*(None if t is None else t[:2] for t in task))  # type: ignore[arg-type]
+        first = TaskBatch(*(index(t, slice(0, 2)) for t in task))
         if dtype is not None:
             clone = clone.to(dtype)
-            first = TaskBatch(*(  # type: ignore[arg-type]
-                t.to(dtype) if t is not None and t.is_floating_point() else t for t in first
-            ))
+            first = TaskBatch(*(
+                tree_map(lambda v: v.to(dtype) if v.is_floating_point() else v, t)
+                for t in first))
         devices = sorted({p.device.index or 0 for p in clone.parameters() if p.is_cuda})
         with torch.random.fork_rng(devices=devices), without_randomness(), \
                 warnings.catch_warnings(), torch.enable_grad():
@@ -409,7 +436,10 @@ class MetaLearner(nn.Module):
     # chooses (override these in a subclass; see docs/contributing.md)
 
     def adapted_names(self) -> tuple[str, ...]:
-        """Names of the model parameters updated in the inner loop (all trainable ones)."""
+        """Names of the model parameters updated in the inner loop: those chosen by
+        ``adapt=``, or else every trainable one."""
+        if self._selected is not None:
+            return self._selected
         return tuple(name for name, p in self.module.named_parameters() if p.requires_grad)
 
     def inner_objective(self) -> InnerObjective:
@@ -438,13 +468,16 @@ class MetaLearner(nn.Module):
 
     def inner_loop(self, task: TaskBatch, steps: int) -> InnerLoop:
         """The inner loop of ``steps`` steps for the tasks of ``task``, from the parts above."""
+        batch_indices = self.support_schedule(task, steps)
+        if batch_indices is not None:
+            task.check_per_example("minibatch inner steps (support_schedule)")
         return InnerLoop(
             adapted=self.adapted_names(),
             objective=self.inner_objective(),
             optimizer=self.inner_optimizer,
             rates=self.inner_rates(),
             steps=steps,
-            batch_indices=self.support_schedule(task, steps),
+            batch_indices=batch_indices,
             step_params=self.step_parameters(),
         )
 
@@ -482,7 +515,102 @@ class MetaLearner(nn.Module):
         Returns:
             The :class:`fastmeta.TaskBatch` the engines run.
         """
-        return self._check_support_targets(to_model(as_task(batch), self._reference()))
+        task = self._check_support_targets(to_model(as_task(batch), self._reference()))
+        self._check_loss(task)
+        self._example_shapes = [tuple(leaf.shape[2:]) for leaf in leaves(task.support_x)]
+        return task
+
+    def _supervised_inner(self) -> bool:
+        objective = self.inner_objective()
+        while isinstance(objective, Proximal):
+            objective = objective.base
+        return isinstance(objective, SupervisedLoss)
+
+    def _check_loss(self, task: TaskBatch, *, query: bool = True) -> None:
+        """Check the targets against the model's prediction before the engine runs.
+
+        For a named loss (:class:`fastmeta.Loss`): the model runs once per input
+        signature on task 0's support set (no gradient, no dropout, the buffers copied),
+        and the prediction's shape and dtype are checked against the targets of every part,
+        and class labels against the number of classes, naming the task.
+        """
+        loss = self.loss_fn
+        if not isinstance(loss, Loss):
+            return
+        parts = []
+        if task.support_y is not None and self._supervised_inner():
+            parts.append(("support", task.support_y, task.support_shots))
+        if query:
+            parts.append(("query", task.query_y, int(leaves(task.query_x)[0].shape[1])))
+        if not parts:
+            return
+        spec = self._output_spec(task)
+        if spec is None:
+            return
+        rest, dtype = spec
+        for role, target, shots in parts:
+            if not isinstance(target, Tensor):
+                problem = loss.problem(torch.empty(0), target)
+            else:
+                problem = shape_problem(loss.name, (shots, *rest), dtype,
+                                        tuple(target.shape[1:]), target.dtype)
+            if problem is not None:
+                raise ValueError(
+                    f"{role} set of task 0 (every task has these shapes): {problem}. The "
+                    f"model's output per task is {(shots, *rest)}, {role}_y is "
+                    f"{describe(target)} ([tasks, shots, ...])"
+                )
+        if loss.name != "cross_entropy" or len(rest) < 1:
+            return
+        classes = rest[0]
+        for role, target, _ in parts:
+            if target.dtype.is_floating_point:
+                continue
+            found = label_problem(target, classes)
+            if found is not None:
+                raise ValueError(
+                    f"{role}_y of task {found[0]} holds the label {found[1]}, outside the "
+                    f"model's {classes} classes (its output has {classes} class scores): "
+                    f"labels must lie in [0, {classes}). Relabel the classes of each task as "
+                    f"0..{classes - 1} (fastmeta.data does), or widen the model's output"
+                )
+
+    def _output_spec(self, task: TaskBatch) -> tuple[tuple[int, ...], torch.dtype] | None:
+        """Shape (without the examples dim) and dtype of the model's prediction on one
+        task's support inputs, cached per input signature; ``None`` if it is not per example."""
+        x = task.support_x
+        flat = leaves(x)
+        key = (str(torch.utils._pytree.tree_structure(x)), self.module.training,
+               tuple((tuple(leaf.shape[1:]), leaf.dtype) for leaf in flat))
+        if key in self._output_specs:
+            return self._output_specs[key]
+        assert isinstance(self.loss_fn, Loss)
+        state = {**dict(self.module.named_parameters()),
+                 **{n: b.clone() for n, b in self.module.named_buffers()}}
+        first = index(x, 0)
+        try:
+            with torch.no_grad(), without_randomness():
+                output = call(self.module, state, first)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:
+            scalar = [leaf for leaf in flat if leaf.dim() == 2]
+            if not scalar:
+                raise
+            raise ValueError(
+                f"the model failed on the support inputs of task 0 ({describe(first)}): each "
+                f"example is a scalar, since the inputs are [tasks, shots] = "
+                f"{tuple(scalar[0].shape)} with no feature dimension. If the model takes "
+                f"feature vectors, add one: x.unsqueeze(-1) ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''})"
+            ) from error
+        prediction = self.loss_fn.prediction(output)
+        shots = task.support_shots
+        spec = None
+        if prediction.dim() >= 1 and prediction.shape[0] == shots:
+            spec = (tuple(prediction.shape[1:]), prediction.dtype)
+        self._output_specs[key] = spec
+        return spec
 
     def _check_support_targets(self, task: TaskBatch) -> TaskBatch:
         if task.support_y is None and isinstance(self.inner_objective(), SupervisedLoss):
@@ -566,15 +694,23 @@ class MetaLearner(nn.Module):
         )
 
     def adapt(
-        self, x: Tensor, y: Tensor | None = None, *, steps: int | None = None
+        self, x: Tree, y: Tree | None = None, *, steps: int | None = None
     ) -> AdaptedModel:
         """Fine-tune on one task's support set; the wrapped model is left untouched.
 
         Args:
-            x: support inputs ``[shots, ...]``.
+            x: support inputs ``[shots, ...]``; or a tuple (the model's positional inputs)
+                or a mapping (its keyword inputs, e.g. ``{"input_ids": ...,
+                "attention_mask": ...}``) of such tensors.
             y: support targets ``[shots, ...]``; leave out only for learners with a
                 learned inner loss (:class:`fastmeta.DAML`), which adapt on inputs alone.
             steps: inner steps (default: the learner's ``inner_steps``; 0 is allowed).
+
+        Raises:
+            TypeError: ``x`` is a whole batch (a mapping with support/query parts, or a
+                :class:`fastmeta.TaskBatch`): use :meth:`adapt_many`.
+            ValueError: ``x`` has one leading dimension more than the support inputs that
+                :meth:`meta_step` saw (a batch ``[tasks, shots, ...]``): use :meth:`adapt_many`.
 
         Returns:
             An :class:`AdaptedModel`: call it on new inputs.
@@ -584,10 +720,35 @@ class MetaLearner(nn.Module):
             >>> prediction = adapted(query_x)
         """
         steps = self.inner_steps if steps is None else check_steps("steps", steps, 0)
+        self._check_not_a_batch(x)
         task = self._check_support_targets(to_model(single_task(x, y), self._reference()))
+        self._check_loss(task, query=False)
         self._check_engine("adapt", lambda: task, steps=steps)
         output = self._adapt(task, steps)
         return AdaptedTasks(self.module, output.params, output.buffers, output.support_losses)[0]
+
+    def _check_not_a_batch(self, x: Any) -> None:
+        """Refuse a meta-batch given to :meth:`adapt`, which adapts to one task."""
+        if isinstance(x, TaskBatch) or (isinstance(x, Mapping) and any(
+                key in x for key in ("train", "test", "support", "query"))):
+            raise TypeError(
+                f"adapt(x, y) adapts to one task, but x is a whole batch "
+                f"({type(x).__name__} with support and query parts); use "
+                f"learner.adapt_many(batch) to adapt to every task of a batch"
+            )
+        seen = self._example_shapes
+        if seen is None:
+            return
+        shapes = [tuple(leaf.shape) for leaf in leaves(normalise(x)) if isinstance(leaf, Tensor)]
+        if len(shapes) == len(seen) and shapes and all(
+                len(s) == len(e) + 2 and s[2:] == e for s, e in zip(shapes, seen)):
+            raise ValueError(
+                f"adapt(x, y) adapts to one task ([shots, ...] inputs), but x has shape "
+                f"{describe(x)}: one leading dimension more than the examples this learner was "
+                f"meta-trained on ({', '.join(str(e) for e in seen)} each), as a batch "
+                f"[tasks, shots, ...] would. Use learner.adapt_many(batch) for several tasks, "
+                f"or adapt(x[t], y[t]) for task t"
+            )
 
     def adapt_many(
         self, batch: TaskBatch | Mapping[str, Any], *, steps: int | None = None

@@ -7,6 +7,8 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
+from ._tree import Tree, describe, first_leaf, is_tree_node, leaves, normalise, tree_map
+
 # Accepted spellings of the two halves of a task, at the data boundary.
 _SUPPORT_KEYS = ("support", "train")
 _QUERY_KEYS = ("query", "test")
@@ -20,6 +22,10 @@ class TaskBatch(NamedTuple):
 
     Every tensor has a leading task dimension: ``support_x`` is ``[tasks, shots, ...]``,
     ``support_y`` is ``[tasks, shots, ...]``, and likewise for the query set.
+    Inputs (and targets) may also be trees of such tensors: a tuple (the model's positional
+    arguments, e.g. ``(x, edge_index)``) or a mapping (its keyword arguments, e.g.
+    ``{"input_ids": ..., "attention_mask": ...}``), nested; every leaf is
+    ``[tasks, shots, ...]``.
     ``support_y`` is ``None`` for unlabelled support sets, which only learners with a
     learned inner loss (:class:`fastmeta.DAML`) can adapt on.
 
@@ -30,15 +36,37 @@ class TaskBatch(NamedTuple):
         4
     """
 
-    support_x: Tensor
-    support_y: Tensor | None
-    query_x: Tensor
-    query_y: Tensor
+    support_x: Tree
+    support_y: Tree | None
+    query_x: Tree
+    query_y: Tree
 
     @property
     def num_tasks(self) -> int:
         """Number of tasks (the leading dimension)."""
-        return int(self.support_x.shape[0])
+        return int(first_leaf(self.support_x).shape[0])
+
+    @property
+    def support_shots(self) -> int:
+        """Number of support examples per task (the second dimension)."""
+        return int(first_leaf(self.support_x).shape[1])
+
+    def check_per_example(self, why: str) -> None:
+        """Raise unless every support and query leaf is ``[tasks, shots, ...]`` with the
+        shots of its part (``why`` says what needs it, e.g. minibatch inner steps)."""
+        for name in ("support_x", "support_y", "query_x", "query_y"):
+            tree = getattr(self, name)
+            found = leaves(tree)
+            if not found:
+                continue
+            shots = int(leaves(getattr(self, name[:-1] + "x"))[0].shape[1])
+            odd = [tuple(leaf.shape) for leaf in found if int(leaf.shape[1]) != shots]
+            if odd:
+                raise ValueError(
+                    f"{why} needs every tensor of {name} to be [tasks, shots, ...] with "
+                    f"{shots} shots, but it holds tensors of shape {odd} (per-task context "
+                    f"such as a graph's edges); use full-batch steps for such inputs"
+                )
 
 
 def _pair(batch: Mapping[str, Any], keys: tuple[str, ...], role: str) -> tuple[Any, Any]:
@@ -54,7 +82,7 @@ def _pair(batch: Mapping[str, Any], keys: tuple[str, ...], role: str) -> tuple[A
             f"{{'train': [x, y], 'test': [x, y]}} (or 'support'/'query')"
         )
     if role == "support":  # unlabelled: a bare tensor, [inputs] or [inputs, None]
-        if isinstance(value, Tensor):
+        if isinstance(value, Tensor | Mapping):
             return value, None
         inputs_only = isinstance(value, Sequence) and not isinstance(value, str) and (
             len(value) == 1 or (len(value) == 2 and value[1] is None)
@@ -101,37 +129,86 @@ def as_task(batch: TaskBatch | Mapping[str, Any] | Sequence[Tensor]) -> TaskBatc
             f"batch must be a fastmeta.TaskBatch, a mapping {{'train': [x, y], 'test': [x, y]}} or "
             f"a tuple (support_x, support_y, query_x, query_y), got {type(batch).__name__}"
         )
+    task = TaskBatch(*(normalise(part) for part in task))
     validate_task(task)
     return task
 
 
+def _leaf_shapes(name: str, value: Tree) -> list[tuple[str, Tensor]]:
+    """``(where, leaf)`` of every leaf of one part, each checked to be a tensor."""
+    found: list[tuple[str, Tensor]] = []
+
+    def visit(where: str, item: Any) -> None:
+        if isinstance(item, Mapping):
+            if not item:
+                raise ValueError(f"{where} is an empty mapping; it must hold tensors")
+            for key, sub in item.items():
+                visit(f"{where}[{key!r}]", sub)
+        elif is_tree_node(item):
+            if not item:
+                raise ValueError(f"{where} is an empty {type(item).__name__}; it must hold "
+                                 f"tensors")
+            for position, sub in enumerate(item):
+                visit(f"{where}[{position}]", sub)
+        elif isinstance(item, Tensor):
+            found.append((where, item))
+        else:
+            held = "" if where == name else f" holding a {type(item).__name__} at {where}"
+            raise TypeError(
+                f"{name} must be a torch.Tensor (or a tuple or mapping of tensors), got "
+                f"{type(value).__name__}{held}; convert it with torch.as_tensor"
+            )
+
+    visit(name, value)
+    return found
+
+
 def validate_task(task: TaskBatch) -> None:
-    """Check shapes: same task count everywhere, same example count for x and y."""
+    """Check shapes: same task count everywhere, same example count for x and y.
+
+    Inputs and targets may be trees (tuples, mappings) of tensors: every leaf is checked.
+    Every leaf has the tasks along dim 0; the examples of a part are dim 1 of its first
+    leaf. Other leaves usually share it (``[tasks, shots, ...]``), but need not: a leaf of
+    per-task context, such as the ``edge_index`` ``[tasks, 2, edges]`` of one graph per
+    task, is passed to the model whole.
+    """
+    heads: dict[str, tuple[int, int]] = {}
     for name, value in zip(TaskBatch._fields, task):
         if value is None and name == "support_y":
             continue
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if value.dim() < 2:
-            raise ValueError(
-                f"{name} must have shape [tasks, examples, ...], got shape {tuple(value.shape)}; "
-                f"for a single task add a leading dimension with .unsqueeze(0)"
-            )
+        first: tuple[str, Tensor] | None = None
+        for where, leaf in _leaf_shapes(name, value):
+            if leaf.dim() < 2:
+                raise ValueError(
+                    f"{where} must have shape [tasks, examples, ...], got shape "
+                    f"{tuple(leaf.shape)}; for a single task add a leading dimension with "
+                    f".unsqueeze(0)"
+                )
+            if first is None:
+                first = (where, leaf)
+            elif leaf.shape[0] != first[1].shape[0]:
+                raise ValueError(
+                    f"every tensor of {name} must have one slice per task along dim 0: "
+                    f"{first[0]} holds {first[1].shape[0]} tasks but {where} holds "
+                    f"{leaf.shape[0]}"
+                )
+        assert first is not None
+        heads[name] = (int(first[1].shape[0]), int(first[1].shape[1]))
     for prefix in ("support", "query"):
-        x, y = getattr(task, f"{prefix}_x"), getattr(task, f"{prefix}_y")
-        if y is not None and x.shape[:2] != y.shape[:2]:
+        x, y = heads[f"{prefix}_x"], heads.get(f"{prefix}_y")
+        if y is not None and x != y:
             raise ValueError(
                 f"{prefix}_x and {prefix}_y must agree on [tasks, examples], got "
-                f"{tuple(x.shape[:2])} and {tuple(y.shape[:2])}"
+                f"{x} and {y}"
             )
-    if task.support_x.shape[0] != task.query_x.shape[0]:
+    if heads["support_x"][0] != heads["query_x"][0]:
         raise ValueError(
             f"support and query sets must hold the same number of tasks, got "
-            f"{task.support_x.shape[0]} support and {task.query_x.shape[0]} query tasks"
+            f"{heads['support_x'][0]} support and {heads['query_x'][0]} query tasks"
         )
-    if task.support_x.shape[0] == 0:
+    if heads["support_x"][0] == 0:
         raise ValueError("the batch holds no tasks (task dimension is 0)")
-    if task.support_x.shape[1] == 0:
+    if heads["support_x"][1] == 0:
         raise ValueError(
             "the support set is empty (0 examples per task): the inner loop needs at least one "
             "example to adapt on"
@@ -145,38 +222,41 @@ def to_model(task: TaskBatch, reference: Tensor) -> TaskBatch:
     float64 while models are usually float32; casting here spares users that error.
     """
 
-    def move(value: Tensor | None) -> Tensor | None:
-        if value is None:
-            return None
+    def move(value: Tensor) -> Tensor:
         dtype = reference.dtype if value.is_floating_point() else value.dtype
         return value.to(device=reference.device, dtype=dtype)
 
-    return TaskBatch(*(move(value) for value in task))  # type: ignore[arg-type]
+    return TaskBatch(*(tree_map(move, value) for value in task))
 
 
-def single_task(x: Tensor, y: Tensor | None, name_x: str = "x", name_y: str = "y") -> TaskBatch:
+def single_task(x: Tree, y: Tree | None, name_x: str = "x", name_y: str = "y") -> TaskBatch:
     """A one-task :class:`TaskBatch` from one task's support set (query = support).
 
-    ``y=None`` gives an unlabelled support set; the query half then repeats the inputs
-    as placeholder targets (``adapt`` never evaluates the query half).
+    ``x`` (and ``y``) may be trees (a tuple or mapping of tensors) whose leaves are
+    ``[shots, ...]``. ``y=None`` gives an unlabelled support set; the query half then
+    repeats the inputs as placeholder targets (``adapt`` never evaluates the query half).
     """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name_x} must be a torch.Tensor, got {type(x).__name__}")
-    if y is None:
-        if x.dim() == 0 or x.shape[0] == 0:
-            raise ValueError(
-                f"{name_x} must hold at least one example along dim 0, got shape {tuple(x.shape)}"
-            )
-        x = x.unsqueeze(0)
-        return TaskBatch(x, None, x, x)
-    if not isinstance(y, Tensor):
-        raise TypeError(f"{name_y} must be a torch.Tensor, got {type(y).__name__}")
-    if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+    x = normalise(x)
+    y = normalise(y)
+    for name, value in ((name_x, x), (name_y, y)):
+        if value is None and name == name_y:
+            continue
+        for where, leaf in _leaf_shapes(name, value):
+            if leaf.dim() == 0:
+                raise ValueError(
+                    f"{where} must hold at least one example along dim 0, got shape "
+                    f"{tuple(leaf.shape)}"
+                )
+            if leaf.shape[0] == 0:
+                raise ValueError(f"{where} is empty: adapt needs at least one support example")
+    shots = {int(leaf.shape[0]) for leaf in leaves(x)[:1] + leaves(y)}
+    if len(shots) > 1:
         raise ValueError(
             f"{name_x} and {name_y} must hold the same number of examples along dim 0, got "
-            f"shapes {tuple(x.shape)} and {tuple(y.shape)}"
+            f"shapes {describe(x)} and {describe(y)}"
         )
-    if x.shape[0] == 0:
-        raise ValueError(f"{name_x} is empty: adapt needs at least one support example")
-    x, y = x.unsqueeze(0), y.unsqueeze(0)
+    x = tree_map(lambda leaf: leaf.unsqueeze(0), x)
+    if y is None:
+        return TaskBatch(x, None, x, x)
+    y = tree_map(lambda leaf: leaf.unsqueeze(0), y)
     return TaskBatch(x, y, x, y)

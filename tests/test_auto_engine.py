@@ -118,7 +118,9 @@ def _token_task(labels_high: int = 3, tasks: int = 2):
 
 @pytest.mark.parametrize("verify", [True, False])
 def test_a_bad_batch_raises_its_own_error_and_the_engine_stays(verify):
-    learner = fastmeta.MAML(_classifier(), inner_lr=0.1, loss_fn="cross_entropy",
+    # A plain callable loss, so that the bad labels reach the engine (the named loss
+    # "cross_entropy" refuses them before any engine runs: see test_structured.py).
+    learner = fastmeta.MAML(_classifier(), inner_lr=0.1, loss_fn=F.cross_entropy,
                             verify_engine=verify)
     optimizer = torch.optim.SGD(learner.parameters(), lr=0.1)
     with pytest.raises((IndexError, RuntimeError), match="out of bounds|Target 7"):
@@ -205,8 +207,8 @@ def test_a_compile_failure_caused_by_the_input_keeps_compiling(monkeypatch):
         return call
 
     monkeypatch.setattr(torch, "compile", broken)
-    learner = fastmeta.MAML(_classifier(), inner_lr=0.1, loss_fn="cross_entropy",
-                            engine="vmap", compile=True)
+    learner = fastmeta.MAML(_classifier(), inner_lr=0.1, loss_fn=F.cross_entropy,
+                            engine="vmap", compile=True)  # the bad labels reach the engine
     optimizer = torch.optim.SGD(learner.parameters(), lr=0.0)
     with pytest.raises((IndexError, RuntimeError), match="out of bounds|Target 7"):
         learner.meta_step(_token_task(labels_high=8), optimizer)

@@ -14,22 +14,28 @@ import torch
 from torch import nn
 
 from .._learner import LossFn, MetaLearner
+from .._selection import Selection
 
 
 class ANIL(MetaLearner):
     """MAML that adapts only the head; the body is meta-learned but fixed per task.
+
+    ``ANIL(model, head="head")`` equals ``MAML(model, adapt=model.head)``: the head is
+    matched by identity, so a head whose weight is tied to another module (GPT-2's
+    ``lm_head``, tied to the token embedding) is adapted whole.
 
     Inner loop: ``φ_head ← φ_head − inner_lr · ∇L_support``; the body keeps θ_body.
     Outer: both body and head initialisation get the meta-gradient.
 
     Args:
         model: the network to meta-train.
-        head: required, no default: the name of the submodule adapted in the inner
-            loop, as in ``model.named_modules()`` (e.g. ``"head"`` for
-            ``fastmeta.models``, ``"classifier"``, ``"net.4"``).
+        head: the name of the submodule adapted in the inner loop, as in
+            ``model.named_modules()`` (e.g. ``"head"`` for ``fastmeta.models``,
+            ``"classifier"``, ``"net.4"``). Required unless ``adapt`` is given.
         inner_lr, inner_steps, first_order, loss_fn: as for :class:`fastmeta.MAML`.
         inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine: as for
             :class:`fastmeta.MAML`.
+        adapt: instead of ``head``, any selection :class:`fastmeta.MAML` takes.
 
     Example:
         >>> learner = fastmeta.ANIL(fastmeta.models.Conv4(num_classes=5), head="head",
@@ -43,7 +49,7 @@ class ANIL(MetaLearner):
         self,
         model: nn.Module,
         *,
-        head: str,
+        head: str | None = None,
         inner_lr: float,
         inner_steps: int = 1,
         loss_fn: str | LossFn | None = None,
@@ -52,35 +58,34 @@ class ANIL(MetaLearner):
         engine: str = "auto",
         compile: bool = False,
         verify_engine: bool = True,
+        adapt: Selection | None = None,
         first_order: bool = False,
     ) -> None:
+        modules = dict(model.named_modules()) if isinstance(model, nn.Module) else {}
+        if (head is None) == (adapt is None):
+            raise ValueError(
+                f"ANIL needs exactly one of head= (the name of the submodule to adapt) and "
+                f"adapt= (any selection of parameters), got head={head!r} and adapt={adapt!r}"
+            )
+        if head is not None and isinstance(model, nn.Module):
+            if not isinstance(head, str) or not head or head not in modules:
+                children = [name for name, _ in model.named_children()]
+                raise ValueError(
+                    f"head={head!r} is not a submodule of the model; pass the name of the "
+                    f"submodule to adapt, as in model.named_modules(), e.g. one of {children}"
+                )
+            if not any(p.requires_grad for p in modules[head].parameters()):
+                raise ValueError(
+                    f"head={head!r} has no trainable parameters (requires_grad=True) to adapt"
+                )
         super().__init__(
             model, first_order=first_order, inner_lr=inner_lr, inner_steps=inner_steps,
             loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
             engine=engine, compile=compile, verify_engine=verify_engine,
+            adapt=modules.get(head, head) if isinstance(head, str) else adapt,
         )
-        modules = dict(model.named_modules())
-        if not isinstance(head, str) or not head or head not in modules:
-            children = [name for name, _ in model.named_children()]
-            raise ValueError(
-                f"head={head!r} is not a submodule of the model; pass the name of the "
-                f"submodule to adapt, as in model.named_modules(), e.g. one of {children}"
-            )
         self.head = head
-        if not self.adapted_names():
-            raise ValueError(
-                f"head={head!r} has no trainable parameters (requires_grad=True) to adapt"
-            )
-
-    def adapted_names(self) -> tuple[str, ...]:
-        """Trainable parameters of the head submodule."""
-        prefix = self.head + "."
-        return tuple(
-            name
-            for name, p in self.module.named_parameters()
-            if p.requires_grad and name.startswith(prefix)
-        )
 
     def extra_repr(self) -> str:
         return f"head={self.head!r}, " + super().extra_repr()

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .._learner import LossFn, MetaLearner
 from .._objectives import LearnedLoss
+from .._selection import Selection
 
 
 class DAML(MetaLearner):
@@ -50,7 +51,7 @@ class DAML(MetaLearner):
         features: names of submodules whose outputs ``adaptation_loss`` receives after
             the model's output, in this order.
         loss_fn: outer loss on the query pairs (default mean squared error; e.g. ``"l1"``).
-        inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine: as for
+        inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine, adapt: as for
             :class:`fastmeta.MAML`. Both engines run DAML.
         first_order: must stay ``False``.
 
@@ -86,6 +87,7 @@ class DAML(MetaLearner):
         engine: str = "auto",
         compile: bool = False,
         verify_engine: bool = True,
+        adapt: Selection | None = None,
         first_order: bool = False,
     ) -> None:
         if first_order:
@@ -98,7 +100,7 @@ class DAML(MetaLearner):
         super().__init__(
             model, inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
-            engine=engine, compile=compile, verify_engine=verify_engine,
+            engine=engine, compile=compile, verify_engine=verify_engine, adapt=adapt,
         )
         if not callable(adaptation_loss):
             raise TypeError(

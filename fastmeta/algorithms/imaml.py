@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from .._learner import LossFn, MetaLearner, check_steps
 from .._objectives import Proximal
+from .._selection import Selection
 from .._task import TaskBatch
+from .._tree import Tree, call, index
 from ..engines import InnerObjective, MetaLosses, Params
 
 
@@ -66,7 +67,7 @@ class IMAML(MetaLearner):
         lam: strength of the proximal term (the paper's λ); larger keeps φ closer to θ.
         cg_steps: conjugate-gradient iterations per task.
         cg_tolerance: stop CG once the residual is below this fraction of the right side.
-        loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, verify_engine: as for
+        loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, verify_engine, adapt: as for
             :class:`fastmeta.MAML`.
 
     Example:
@@ -92,11 +93,12 @@ class IMAML(MetaLearner):
         inner_optimizer_kwargs: Mapping[str, Any] | None = None,
         engine: str = "auto",
         verify_engine: bool = True,
+        adapt: Selection | None = None,
     ) -> None:
         super().__init__(
             model, inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
-            engine=engine, verify_engine=verify_engine,
+            engine=engine, verify_engine=verify_engine, adapt=adapt,
         )
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (
                 math.isfinite(lam) and lam > 0):
@@ -136,16 +138,16 @@ class IMAML(MetaLearner):
         """``(I + H/lam)⁻¹ ∇_φ L_query(φ)`` of task ``t`` by CG, and its query loss."""
         assert task.support_y is not None  # prepare refuses unlabelled support sets
 
-        def loss_at(fast: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
+        def loss_at(fast: list[Tensor], x: Tree, y: Tree) -> Tensor:
             state = {**params, **dict(zip(adapted, fast)),
                      **{n: b.clone() for n, b in buffers.items()}}
-            return self.loss_fn(functional_call(self.module, state, (x,)), y)
+            return self.loss_fn(call(self.module, state, x), y)
 
         with torch.enable_grad():
             fast = [params[n].detach().requires_grad_(True) for n in adapted]
-            query_loss = loss_at(fast, task.query_x[t], task.query_y[t])
+            query_loss = loss_at(fast, index(task.query_x, t), index(task.query_y, t))
             rhs = list(torch.autograd.grad(query_loss, fast))
-            support_loss = loss_at(fast, task.support_x[t], task.support_y[t])
+            support_loss = loss_at(fast, index(task.support_x, t), index(task.support_y, t))
             support_grad = torch.autograd.grad(support_loss, fast, create_graph=True)
 
             def apply(v: list[Tensor]) -> list[Tensor]:

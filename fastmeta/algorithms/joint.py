@@ -14,7 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from .._learner import LossFn, MetaLearner
+from .._selection import Selection
 from .._task import TaskBatch
+from .._tree import apply, first_leaf, index, tree_map, zip_map
 from ..engines import MetaLosses
 
 
@@ -35,7 +37,7 @@ class JointTraining(MetaLearner):
         model: the network to train.
         inner_lr: learning rate of fine-tuning in ``adapt``.
         inner_steps: default fine-tuning steps in ``adapt``.
-        loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, verify_engine: as for
+        loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, verify_engine, adapt: as for
             :class:`fastmeta.MAML` (the engine runs ``adapt``).
         first_order: not accepted (there is no inner loop to differentiate through).
 
@@ -56,6 +58,7 @@ class JointTraining(MetaLearner):
         inner_optimizer_kwargs: Mapping[str, Any] | None = None,
         engine: str = "auto",
         verify_engine: bool = True,
+        adapt: Selection | None = None,
         first_order: bool | None = None,
     ) -> None:
         if first_order is not None:
@@ -66,17 +69,20 @@ class JointTraining(MetaLearner):
         super().__init__(
             model, inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
-            engine=engine, verify_engine=verify_engine,
+            engine=engine, verify_engine=verify_engine, adapt=adapt,
         )
 
     def _pooled_losses(self, task: TaskBatch) -> Tensor:
         """``[tasks]`` loss of the model on all of each task's examples."""
         assert task.support_y is not None  # prepare refuses unlabelled support sets
-        x = torch.cat([task.support_x, task.query_x], dim=1)
-        y = torch.cat([task.support_y, task.query_y], dim=1)
-        flat = self.module(x.flatten(0, 1))
-        out = flat.view(x.shape[0], x.shape[1], *flat.shape[1:])
-        return torch.stack([self.loss_fn(out[t], y[t]) for t in range(task.num_tasks)])
+        task.check_per_example("JointTraining (which pools every task's examples)")
+        x = zip_map(lambda s, q: torch.cat([s, q], dim=1), task.support_x, task.query_x)
+        y = zip_map(lambda s, q: torch.cat([s, q], dim=1), task.support_y, task.query_y)
+        tasks, shots = first_leaf(x).shape[:2]
+        flat = apply(self.module, tree_map(lambda v: v.flatten(0, 1), x))
+        out = tree_map(lambda v: v.view(tasks, shots, *v.shape[1:]), flat)
+        return torch.stack([self.loss_fn(index(out, t), index(y, t))
+                            for t in range(task.num_tasks)])
 
     def meta_gradient(self, task: TaskBatch) -> MetaLosses:
         """The gradient of the pooled loss (no adaptation)."""

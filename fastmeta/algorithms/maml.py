@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .._learner import LossFn, MetaLearner
+from .._selection import Selection
 
 
 class MAML(MetaLearner):
@@ -38,6 +39,9 @@ class MAML(MetaLearner):
         compile: ``torch.compile`` the vectorised meta-step (``"vmap"`` engine only;
             falls back to uncompiled with one warning if compiling fails).
         verify_engine: let ``engine="auto"`` check the vectorised engine once.
+        adapt: the parameters the inner loop adapts (default: every trainable one): names,
+            glob patterns (``"*.bias"``), submodules, parameters or a predicate
+            ``(name, parameter) -> bool``, or a list of these; the rest is meta-learned.
 
     Example:
         >>> learner = fastmeta.MAML(model, inner_lr=0.01, inner_steps=1)
@@ -72,6 +76,7 @@ class FOMAML(MAML):
         engine: str = "auto",
         compile: bool = False,
         verify_engine: bool = True,
+        adapt: Selection | None = None,
         first_order: bool = True,
     ) -> None:
         if not first_order:
@@ -83,5 +88,5 @@ class FOMAML(MAML):
             model, first_order=True, inner_lr=inner_lr, inner_steps=inner_steps,
             loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
-            engine=engine, compile=compile, verify_engine=verify_engine,
+            engine=engine, compile=compile, verify_engine=verify_engine, adapt=adapt,
         )

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .._learner import LossFn, MetaLearner
+from .._selection import Selection
 from ..engines import InnerRates
 
 
@@ -32,7 +33,7 @@ class MetaSGD(MetaLearner):
         inner_steps, first_order, loss_fn: as for :class:`fastmeta.MAML`.
         inner_optimizer, inner_optimizer_kwargs: as for :class:`fastmeta.MAML`; with
             another inner optimiser than SGD, the learned rates scale that optimiser's step.
-        engine, compile, verify_engine: as for :class:`fastmeta.MAML`.
+        engine, compile, verify_engine, adapt: as for :class:`fastmeta.MAML`.
 
     Example:
         >>> learner = fastmeta.MetaSGD(model, inner_lr=0.01)
@@ -54,13 +55,14 @@ class MetaSGD(MetaLearner):
         engine: str = "auto",
         compile: bool = False,
         verify_engine: bool = True,
+        adapt: Selection | None = None,
         first_order: bool = False,
     ) -> None:
         super().__init__(
             model, first_order=first_order, inner_lr=inner_lr, inner_steps=inner_steps,
             loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
-            engine=engine, compile=compile, verify_engine=verify_engine,
+            engine=engine, compile=compile, verify_engine=verify_engine, adapt=adapt,
         )
         named = dict(model.named_parameters())
         self._lr_keys = {name: name.replace(".", "-") for name in super().adapted_names()}

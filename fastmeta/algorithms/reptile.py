@@ -15,7 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from .._learner import AdaptedTasks, LossFn, MetaLearner, check_steps
+from .._selection import Selection
 from .._task import TaskBatch
+from .._tree import apply, first_leaf, index
 from ..engines import MetaLosses
 
 
@@ -35,7 +37,7 @@ class Reptile(MetaLearner):
         inner_batch_size: support examples per inner step; ``None`` uses the whole support
             set at every step. With minibatches, each task's support set is reshuffled after
             every pass (as in the Reptile paper's sine experiment).
-        loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine: as
+        loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine, adapt: as
             for :class:`fastmeta.MAML`.
         first_order: not accepted (Reptile never differentiates through the inner loop).
 
@@ -60,6 +62,7 @@ class Reptile(MetaLearner):
         engine: str = "auto",
         compile: bool = False,
         verify_engine: bool = True,
+        adapt: Selection | None = None,
         first_order: bool | None = None,
     ) -> None:
         if first_order is not None:
@@ -70,7 +73,7 @@ class Reptile(MetaLearner):
         super().__init__(
             model, inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
-            engine=engine, compile=compile, verify_engine=verify_engine,
+            engine=engine, compile=compile, verify_engine=verify_engine, adapt=adapt,
         )
         self.first_order = True
         self.inner_batch_size = None
@@ -80,7 +83,8 @@ class Reptile(MetaLearner):
     def support_schedule(self, task: TaskBatch, steps: int) -> Tensor | None:
         if self.inner_batch_size is None or steps == 0:
             return None
-        shots = int(task.support_x.shape[1])
+        task.check_per_example(f"inner_batch_size={self.inner_batch_size}")
+        shots = task.support_shots
         if self.inner_batch_size > shots:
             raise ValueError(
                 f"inner_batch_size={self.inner_batch_size} is larger than the {shots} support "
@@ -93,7 +97,7 @@ class Reptile(MetaLearner):
             for _ in range(task.num_tasks)
         ]
         indices = torch.stack(rows).view(task.num_tasks, steps, self.inner_batch_size)
-        return indices.to(task.support_x.device)
+        return indices.to(first_leaf(task.support_x).device)
 
     def meta_gradient(self, task: TaskBatch) -> MetaLosses:
         """Write the pseudo-gradient ``θ − mean_tasks φ`` into ``.grad`` of the adapted
@@ -108,10 +112,12 @@ class Reptile(MetaLearner):
             adapted = AdaptedTasks(self.module, adaptation.params, adaptation.buffers,
                                    adaptation.support_losses)
             if self.engine == "vmap":  # one vectorised forward
-                outputs = list(adapted(task.query_x))
+                stacked = adapted(task.query_x)
+                outputs = [index(stacked, t) for t in range(task.num_tasks)]
             else:  # a model vmap cannot run (an RNN): task by task
-                outputs = [adapted[t](task.query_x[t]) for t in range(task.num_tasks)]
-            query = torch.stack([self.loss_fn(outputs[t], task.query_y[t])
+                outputs = [apply(adapted[t], index(task.query_x, t))
+                           for t in range(task.num_tasks)]
+            query = torch.stack([self.loss_fn(outputs[t], index(task.query_y, t))
                                  for t in range(task.num_tasks)])
         return MetaLosses(query, adaptation.support_losses)
 

@@ -46,8 +46,8 @@ class BatchMetaCollate:
         """Turn one task (or split task) into ``[inputs, targets]`` tensors."""
         if isinstance(task, Mapping):
             return OrderedDict((key, self.collate_task(sub)) for key, sub in task.items())
-        if isinstance(task, tuple | list) and all(isinstance(t, torch.Tensor) for t in task):
-            return list(task)
+        if _is_pair(task):
+            return [_tensors(part) for part in task]
         if not (hasattr(task, "__len__") and hasattr(task, "__getitem__")):
             raise TypeError(
                 "a task must be a dataset of (input, target) pairs, an OrderedDict of them, or "
@@ -80,11 +80,46 @@ def _stack_tasks(items: list[Any], where: str) -> Any:
         return OrderedDict(
             (key, _stack_tasks([item[key] for item in items], f"{key!r}")) for key in keys
         )
-    if isinstance(first, list | tuple):
-        return [
-            _stack_tensors([item[i] for item in items], f"{where}[{i}]") for i in range(len(first))
-        ]
+    if isinstance(first, list | tuple) and not hasattr(first, "_fields"):
+        stacked = [_stack_tasks([item[i] for item in items], f"{where}[{i}]")
+                   for i in range(len(first))]
+        return tuple(stacked) if isinstance(first, tuple) else stacked
     return _stack_tensors(items, where)
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, torch.Tensor | np.ndarray)
+
+
+def _is_inputs(value: Any) -> bool:
+    """A tensor or array, or a tuple or mapping of them (a model's several inputs)."""
+    if _is_array(value):
+        return True
+    if isinstance(value, Mapping):
+        return bool(value) and all(_is_inputs(v) for v in value.values())
+    if isinstance(value, tuple | list):
+        return bool(value) and all(_is_inputs(v) for v in value)
+    return False
+
+
+def _is_pair(task: Any) -> bool:
+    """An ``(inputs, targets)`` pair of one task's stacked examples (tensors or numpy
+    arrays; the inputs may be a tuple or mapping of them), not a list of samples."""
+    return (isinstance(task, tuple | list) and len(task) == 2 and _is_array(task[1])
+            and _is_inputs(task[0])) or (
+        isinstance(task, tuple | list) and bool(task) and all(_is_array(t) for t in task))
+
+
+def _tensors(value: Any) -> Any:
+    """Numpy arrays (at any depth) as tensors."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, Mapping):
+        return OrderedDict((k, _tensors(v)) for k, v in value.items()) if isinstance(
+            value, OrderedDict) else {k: _tensors(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return type(value)(_tensors(v) for v in value)
+    return value
 
 
 def _stack_tensors(tensors: list[Any], where: str) -> torch.Tensor:

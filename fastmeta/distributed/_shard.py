@@ -102,6 +102,6 @@ def shard(
         return value
 
     if isinstance(batch, TaskBatch):  # support_y is None for unlabelled support sets (DAML)
-        parts = [None if v is None else v[start:stop] for v in batch]
+        parts = [None if v is None else cut(v) for v in batch]
         return cast(Batch, TaskBatch._make(parts))
     return cut(batch)

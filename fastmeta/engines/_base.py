@@ -5,14 +5,16 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .._inner_optim import InnerOptimizer
 from .._task import TaskBatch
+from .._tree import Tree, index
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+LossFn = Callable[[Any, Any], Tensor]
 
 
 Params = dict[str, Tensor]
@@ -33,7 +35,9 @@ class InnerContext:
     Attributes:
         module: the module object that runs (the user's model under ``torch.func``,
             higher's functional copy under higher): where forward hooks capture features.
-        forward: the model's forward with the current fast weights.
+        forward: the model's forward with the current fast weights, on inputs like ``x``
+            (a tensor, or a tuple/mapping of the model's positional/keyword arguments);
+            it returns the model's output as it is (a tensor, tuple, dict, ...).
         fast: the current fast weights of the adapted parameters.
         initial: their values before the inner loop (θ), for proximal objectives.
         x: this step's support inputs; y: their targets (``None`` when unlabelled).
@@ -41,11 +45,11 @@ class InnerContext:
     """
 
     module: nn.Module
-    forward: Callable[[Tensor], Tensor]
+    forward: Callable[[Tree], Any]
     fast: Params
     initial: Params
-    x: Tensor
-    y: Tensor | None
+    x: Tree
+    y: Tree | None
     step: int
 
 
@@ -175,15 +179,16 @@ class Engine:
 
 
 def support_batch(
-    task: TaskBatch, loop: InnerLoop, index: int, step: int
-) -> tuple[Tensor, Tensor | None]:
-    """Support examples of task ``index`` used at inner step ``step`` (targets may be None)."""
-    x = task.support_x[index]
-    y = None if task.support_y is None else task.support_y[index]
+    task: TaskBatch, loop: InnerLoop, position: int, step: int
+) -> tuple[Tree, Tree | None]:
+    """Support examples of task ``position`` used at inner step ``step`` (targets may be
+    None); inputs and targets may be trees of tensors."""
+    x = index(task.support_x, position)
+    y = None if task.support_y is None else index(task.support_y, position)
     if loop.batch_indices is None:
         return x, y
-    rows = loop.batch_indices[index, step]
-    return x[rows], None if y is None else y[rows]
+    rows = loop.batch_indices[position, step]
+    return index(x, rows), None if y is None else index(y, rows)
 
 
 def detach_all(grads: list[Tensor | None]) -> list[Tensor | None]:

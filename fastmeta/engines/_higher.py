@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .._task import TaskBatch
+from .._tree import Tree, arguments, index
 from ._base import (
     Adaptation,
     Engine,
@@ -65,16 +66,17 @@ class _Steps:
         extra = self.loop.step_params(step) if self.loop.step_params is not None else {}
         return {**self.base, **extra, **self.fast}
 
-    def forward(self, step: int, fast: Params, x: Tensor) -> Tensor:
+    def forward(self, step: int, fast: Params, x: Tree) -> Any:
         extra = self.loop.step_params(step) if self.loop.step_params is not None else {}
         state = {**self.base, **extra, **fast}
         # update_params, not forward(params=...): higher's first call with params= leaves
         # submodules that the parent reads directly (MultiheadAttention's out_proj) on
         # their old weights.
         self.fmodel.update_params([state[n] for n in self.names])
-        return self.fmodel(x)
+        args, kwargs = arguments(x)
+        return self.fmodel(*args, **kwargs)
 
-    def step(self, step: int, x: Tensor, y: Tensor | None) -> Tensor:
+    def step(self, step: int, x: Tree, y: Tree | None) -> Tensor:
         """One inner step; returns the detached objective before it."""
         fast = self.fast
         context = InnerContext(self.fmodel, lambda inputs: self.forward(step, fast, inputs),
@@ -97,28 +99,27 @@ class _Steps:
         return loss.detach()
 
 
-def _run_task(module: nn.Module, task: TaskBatch, loop: InnerLoop, index: int, order: MetaGrad,
+def _run_task(module: nn.Module, task: TaskBatch, loop: InnerLoop, position: int, order: MetaGrad,
               outer: OuterObjective | None
               ) -> tuple[Tensor | None, Tensor | None, Tensor, Params, Params]:
-    """TaskBatch ``index``: (meta-objective, query loss, support losses, params, buffers)."""
+    """Task ``position``: (meta-objective, query loss, support losses, params, buffers)."""
     fmodel = higher.monkeypatch(module, copy_initial_weights=False,
                                 track_higher_grads=order is not MetaGrad.NONE)
     steps = _Steps(module, fmodel, loop, order)
+    query_x, query_y = index(task.query_x, position), index(task.query_y, position)
     losses = []
     weights = outer.weights(loop.steps) if outer is not None else ()
     objective: Tensor | None = None
     for step in range(loop.steps):
-        x, y = support_batch(task, loop, index, step)
+        x, y = support_batch(task, loop, position, step)
         losses.append(steps.step(step, x, y))
         if outer is not None and weights[step] != 0 and step < loop.steps - 1:
-            step_loss = outer.loss_fn(steps.forward(step + 1, steps.fast, task.query_x[index]),
-                                      task.query_y[index])
+            step_loss = outer.loss_fn(steps.forward(step + 1, steps.fast, query_x), query_y)
             objective = weights[step] * step_loss if objective is None else \
                 objective + weights[step] * step_loss
     query_loss = None
     if outer is not None:
-        query_loss = outer.loss_fn(steps.forward(loop.steps, steps.fast, task.query_x[index]),
-                                   task.query_y[index])
+        query_loss = outer.loss_fn(steps.forward(loop.steps, steps.fast, query_x), query_y)
         last = query_loss if weights[-1] == 1.0 else weights[-1] * query_loss
         objective = last if objective is None else objective + last
     support_losses = torch.stack(losses) if losses else torch.zeros(0)

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from .._task import TaskBatch
+from .._tree import Tree, call, index
 from ._base import (
     Adaptation,
     Engine,
@@ -44,9 +44,9 @@ def _run_task(module: nn.Module, task: TaskBatch, loop: InnerLoop, t: int, order
     fixed = {n: p for n, p in named.items() if n not in loop.adapted}
     rule = loop.optimizer.rule()
 
-    def forward(step: int, fast: Params, x: Tensor) -> Tensor:
+    def forward(step: int, fast: Params, x: Tree) -> Any:
         extra = loop.step_params(step) if loop.step_params is not None else {}
-        return functional_call(module, ({**fixed, **extra, **fast}, buffers), (x,))
+        return call(module, ({**fixed, **extra, **fast}, buffers), x)
 
     initial = {n: named[n] for n in loop.adapted}
     if order is MetaGrad.NONE:
@@ -68,12 +68,13 @@ def _run_task(module: nn.Module, task: TaskBatch, loop: InnerLoop, t: int, order
             fast = {n: p.detach().requires_grad_(True) for n, p in fast.items()}
         losses.append(loss.detach())
         if outer is not None and weights[step] != 0 and step < loop.steps - 1:
-            term = weights[step] * outer.loss_fn(forward(step + 1, fast, task.query_x[t]),
-                                                 task.query_y[t])
+            term = weights[step] * outer.loss_fn(forward(step + 1, fast, index(task.query_x, t)),
+                                                 index(task.query_y, t))
             objective = term if objective is None else objective + term
     query = None
     if outer is not None:
-        query = outer.loss_fn(forward(loop.steps, fast, task.query_x[t]), task.query_y[t])
+        query = outer.loss_fn(forward(loop.steps, fast, index(task.query_x, t)),
+                              index(task.query_y, t))
         last = query if weights[-1] == 1.0 else weights[-1] * query
         objective = last if objective is None else objective + last
     extra = loop.step_params(loop.steps) if loop.step_params is not None else {}

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .._task import TaskBatch
+from .._tree import leaves
 from ._base import Engine
 
 Key = tuple[Any, ...]
@@ -22,7 +23,8 @@ Key = tuple[Any, ...]
 
 def shape_key(task: TaskBatch) -> Key:
     """The shapes of one task's tensors (the task dimension left out)."""
-    return tuple(None if t is None else (tuple(t.shape[1:]), str(t.dtype)) for t in task)
+    return tuple(None if part is None else tuple((tuple(t.shape[1:]), str(t.dtype))
+                                                 for t in leaves(part)) for part in task)
 
 
 class Tuner:

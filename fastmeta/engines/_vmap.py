@@ -33,9 +33,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import grad_and_value, vmap
 
 from .._task import TaskBatch
+from .._tree import Tree, call, index
 from ._base import (
     Adaptation,
     Engine,
@@ -57,10 +58,10 @@ def one_task(
     trainable: Params,
     frozen: Params,
     buffers: Params,
-    support_x: Tensor,
-    support_y: Tensor | None,
-    query_x: Tensor,
-    query_y: Tensor,
+    support_x: Tree,
+    support_y: Tree | None,
+    query_x: Tree,
+    query_y: Tree,
     indices: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Params]:
     """One task: (meta-objective, query loss after the last step, support losses, params)."""
@@ -72,8 +73,8 @@ def one_task(
         extra = loop.step_params(step) if loop.step_params is not None else {}
         return {**fixed, **extra, **adapted}
 
-    def forward(step: int, adapted: Params, x: Tensor) -> Tensor:
-        return functional_call(module, (params_at(step, adapted), buffers), (x,))
+    def forward(step: int, adapted: Params, x: Tree) -> Any:
+        return call(module, (params_at(step, adapted), buffers), x)
 
     initial = {n: trainable[n] for n in names}
     adapted, state = dict(initial), rule.init(initial)
@@ -84,10 +85,10 @@ def one_task(
     for step in range(loop.steps):
         x, y = support_x, support_y
         if indices is not None:
-            x = support_x[indices[step]]
-            y = None if support_y is None else support_y[indices[step]]
+            x = index(support_x, indices[step])
+            y = None if support_y is None else index(support_y, indices[step])
 
-        def inner(fast: Params, step: int = step, x: Tensor = x, y: Tensor | None = y) -> Tensor:
+        def inner(fast: Params, step: int = step, x: Tree = x, y: Tree | None = y) -> Tensor:
             context = InnerContext(module, partial(forward, step, fast), fast, initial, x, y,
                                    step)
             return loop.objective(context)
@@ -161,7 +162,8 @@ class VmapEngine(Engine):
             return super().meta_gradient(module, task, loop, outer, order=order)
         queries, supports = [], []
         for start in range(0, task.num_tasks, size):
-            part = TaskBatch(*(None if t is None else t[start:start + size]  # type: ignore[arg-type]
+            window = slice(start, start + size)
+            part = TaskBatch(*(None if t is None else index(t, window)
                                for t in task))
             indices = loop.batch_indices
             part_loop = dataclasses.replace(
