@@ -37,6 +37,7 @@ from fastmeta.data import (
 )
 from fastmeta.data._vision import load_split
 from fastmeta.models import Conv4
+from tests._vision_archives import mini_pickles, omniglot_zips
 
 pytest.importorskip("PIL.Image")
 
@@ -69,43 +70,21 @@ def _meta_step(tasks: Any, channels: int, size: int) -> float:
 # ---------------------------------------------------------------- Omniglot
 
 
-def _omniglot_zips(folder: Path) -> dict[str, Path]:
-    """The two Omniglot archives: every character of the split, two 12x12 drawings each."""
-    from PIL import Image
-
-    table = load_split("omniglot_vinyals")
-    rng = np.random.default_rng(0)
-    paths = {}
-    for part in ("images_background", "images_evaluation"):
-        path = folder / f"{part}.zip"
-        with zipfile.ZipFile(path, "w") as zipped:
-            for name in sorted(c for s in ("train", "val", "test") for c in table[s]):
-                if not name.startswith(part + "/"):
-                    continue
-                for k in range(2):
-                    stroke = rng.integers(0, 2, size=(12, 12)).astype(np.uint8) * 255
-                    buffer = io.BytesIO()
-                    Image.fromarray(255 - stroke).save(buffer, format="PNG")  # black ink
-                    zipped.writestr(f"{name}/{k:04d}_{k + 1:02d}.png", buffer.getvalue())
-        paths[part] = path
-    return paths
-
-
 @pytest.fixture(scope="module")
-def omniglot_zips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return _omniglot_zips(tmp_path_factory.mktemp("omniglot-archives"))
+def omniglot_archives(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return omniglot_zips(tmp_path_factory.mktemp("omniglot-archives"))
 
 
 @pytest.fixture
 def omniglot_root(
-    tmp_path: Path, omniglot_zips: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, omniglot_archives: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> Path:
     folder = tmp_path / "omniglot"
     folder.mkdir()
-    for path in omniglot_zips.values():
+    for path in omniglot_archives.values():
         shutil.copy(path, folder / path.name)
     monkeypatch.setattr(
-        Omniglot, "zips_md5", {part: _md5(path) for part, path in omniglot_zips.items()}
+        Omniglot, "zips_md5", {part: _md5(path) for part, path in omniglot_archives.items()}
     )
     return tmp_path
 
@@ -177,13 +156,13 @@ def _serve(files: dict[str, bytes], seen: list[str]) -> Callable[..., Any]:
 
 
 def test_omniglot_download_fetches_both_archives(
-    tmp_path: Path, omniglot_zips: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, omniglot_archives: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    files = {f"{Omniglot.url_prefix}/{p.name}": p.read_bytes() for p in omniglot_zips.values()}
+    files = {f"{Omniglot.url_prefix}/{p.name}": p.read_bytes() for p in omniglot_archives.values()}
     seen: list[str] = []
     monkeypatch.setattr(_download, "urlopen", _serve(files, seen))
     monkeypatch.setattr(
-        Omniglot, "zips_md5", {part: _md5(path) for part, path in omniglot_zips.items()}
+        Omniglot, "zips_md5", {part: _md5(path) for part, path in omniglot_archives.items()}
     )
     tasks = Omniglot(tmp_path, 5, meta_split="test", download=True)
     assert sorted(seen) == sorted(files)
@@ -211,25 +190,10 @@ def test_download_offline_and_corrupt_give_manual_instructions(
 # ---------------------------------------------------------------- miniImageNet
 
 
-def _mini_pickles(folder: Path, classes_per_split: int = 6, per_class: int = 2) -> None:
-    rng = np.random.default_rng(1)
-    for split_index, split in enumerate(("train", "val", "test")):
-        names = [f"n0{split_index}{c:06d}" for c in range(classes_per_split)]
-        count = classes_per_split * per_class
-        data = {
-            "image_data": rng.integers(0, 256, size=(count, 84, 84, 3), dtype=np.uint8),
-            "class_dict": {
-                n: list(range(i * per_class, (i + 1) * per_class)) for i, n in enumerate(names)
-            },
-        }
-        with open(folder / f"mini-imagenet-cache-{split}.pkl", "wb") as stream:
-            pickle.dump(data, stream)
-
-
 def test_miniimagenet_pickles_meta_step(tmp_path: Path) -> None:
     folder = tmp_path / "miniimagenet"
     folder.mkdir()
-    _mini_pickles(folder)
+    mini_pickles(folder)
     tasks = MiniImagenet(tmp_path, 5, meta_val=True, dataset_transform=_splitter(), seed=0)
     assert tasks.dataset.num_classes == 6
     assert all(name.startswith("n01") for name in tasks.dataset.dataset.classes)
@@ -246,7 +210,7 @@ def test_miniimagenet_download_extracts_the_archive(
 ) -> None:
     staging = tmp_path / "staging"
     staging.mkdir()
-    _mini_pickles(staging, classes_per_split=5)
+    mini_pickles(staging, classes_per_split=5)
     archive = tmp_path / "mini-imagenet.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         for path in sorted(staging.iterdir()):

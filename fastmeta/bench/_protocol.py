@@ -30,7 +30,8 @@ from ._config import BenchConfig, fields_of
 
 # Modules that define the registered benchmarks, imported on first use.
 MODULES = {"sine": "fastmeta.bench.sine", "digits": "fastmeta.bench.digits",
-           "daml": "fastmeta.bench.daml"}
+           "daml": "fastmeta.bench.daml", "omniglot": "fastmeta.bench.omniglot",
+           "miniimagenet": "fastmeta.bench.miniimagenet"}
 
 
 def adam(lr: float) -> Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]:
