@@ -71,6 +71,7 @@ def test_bench_sine_writes_every_file_algorithm_and_cell(sine_run):
     assert saved["speed"]["first_order_over_second_order"] > 0
     markdown = (out / "results.md").read_text()
     assert "## K = 2 support points" in markdown and "| maml |" in markdown
+    assert "| mamlpp |" in markdown and "| imaml |" in markdown
     assert "## Robustness" in markdown and "## Training speed" in markdown
 
 
@@ -253,7 +254,10 @@ def test_bench_digits_writes_accuracy_for_every_algorithm_and_shot(tmp_path):
         assert set(entry["evaluation"]) == {"1-shot", "5-shot"}
         for curve in entry["evaluation"].values():
             assert all(0.0 <= s["mean"] <= 1.0 for s in curve["summaries"])
-    assert "| finetune |" in (tmp_path / "results.md").read_text()
+    text = (tmp_path / "results.md").read_text()
+    assert "| finetune |" in text and "| mamlpp |" in text and "| imaml |" in text
+    imaml = load_checkpoint(tmp_path / saved["algorithms"]["imaml"]["checkpoints"]["imaml-1shot"])
+    assert imaml["spec"]["learner"]["lam"] == 2.0 and imaml["spec"]["learner"]["inner_steps"] == 5
     checkpoint = saved["algorithms"]["maml"]["checkpoints"]["maml-1shot"]
     report = evaluate_checkpoint(tmp_path / checkpoint)
     assert report["evaluation"]["1-shot"] == results["algorithms"]["maml"]["evaluation"]["1-shot"]

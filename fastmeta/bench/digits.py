@@ -35,9 +35,11 @@ from ._runner import run_benchmark
 from ._signals import StopFlag
 from ._stats import format_cell
 
-DIGITS_ALGORITHMS = ("maml", "fomaml", "reptile", "anil", "metasgd", "finetune")
+DIGITS_ALGORITHMS = ("maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp", "imaml",
+                     "finetune")
 EVAL_SEED_OFFSET = 1_000_003
 REPTILE_INNER_STEPS = 5
+IMAML_INNER_STEPS, IMAML_LAM = 5, 2.0  # fastmeta's choice, not a published setting
 FINETUNE_BATCH = 64  # images per step of the baseline's ordinary training
 
 
@@ -101,6 +103,9 @@ LEARNER_OPTIONS: dict[str, dict[str, Any]] = {
     "reptile": {"inner_steps": REPTILE_INNER_STEPS},
     "anil": {"inner_steps": None, "head": "head"},
     "metasgd": {"inner_steps": None},
+    # MAML++ with every component on (per-step BatchNorm weights of Conv-4 included).
+    "mamlpp": {"inner_steps": None},
+    "imaml": {"inner_steps": IMAML_INNER_STEPS, "lam": IMAML_LAM, "cg_steps": 5},
     "finetune": {},
 }
 
@@ -263,7 +268,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{config.hidden} channels; {config.iterations:,} meta-iterations per algorithm and "
         f"shot count, meta-batch {config.meta_batch_size}, {config.query} query images per "
         f"class, inner SGD α = {config.inner_lr} ({config.inner_steps} step in training; "
-        f"Reptile {REPTILE_INNER_STEPS}), Adam {config.meta_lr}, seed {config.seed}. "
+        f"Reptile {REPTILE_INNER_STEPS}; iMAML {IMAML_INNER_STEPS} with λ = {IMAML_LAM}), Adam "
+        f"{config.meta_lr}, seed {config.seed}. "
         f"Accuracy on {config.eval_tasks} held-out tasks after {steps} fine-tuning steps, "
         f"mean ± 95% confidence interval. fastmeta {results['versions']['fastmeta']}, "
         f"torch {results['versions']['torch']}.",

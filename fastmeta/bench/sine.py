@@ -28,7 +28,8 @@ from ._runner import run_benchmark
 from ._signals import StopFlag
 from ._stats import format_cell, summarize
 
-SINE_ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "transfer", "random")
+SINE_ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "mamlpp", "imaml", "transfer",
+                   "random")
 
 # Reported in results.md beside our numbers (Finn et al. 2017, Appendix C, Table 2, K = 5).
 PAPER_K5 = {
@@ -41,6 +42,7 @@ FIT_AMPLITUDE, FIT_PHASE = 4.0, 1.0
 ROBUSTNESS_SHOTS, ROBUSTNESS_RANGE = 5, (0.0, 5.0)
 EVAL_SEED_OFFSET = 1_000_003  # held-out tasks come from another seed than training tasks
 REPTILE_INNER_STEPS = 5
+IMAML_INNER_STEPS, IMAML_LAM = 5, 1.0
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,12 @@ LEARNER_OPTIONS: dict[str, dict[str, Any]] = {
     "reptile": {"inner_steps": REPTILE_INNER_STEPS},
     "metasgd": {"inner_steps": 1},
     "anil": {"inner_steps": 1, "head": "head"},
+    # MAML++ with the protocol's one step: its learned per-tensor rates (LSLR) are what
+    # changes; the MLP has no BatchNorm for per-step weights.
+    "mamlpp": {"inner_steps": 1, "per_step_batch_norm": False},
+    # iMAML needs several inner steps to approach the proximal optimum (fastmeta's choice
+    # of steps and λ; the iMAML paper has no sine benchmark).
+    "imaml": {"inner_steps": IMAML_INNER_STEPS, "lam": IMAML_LAM, "cg_steps": 5},
     "transfer": {},
     "random": {},
 }
@@ -256,12 +264,14 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# fastmeta bench sine",
         "",
-        f"TaskBatch family `{config.preset}`; {config.iterations:,} meta-iterations per algorithm, "
+        f"Task family `{config.preset}`; {config.iterations:,} meta-iterations per algorithm, "
         f"meta-batch {config.meta_batch_size}, K = {config.train_shots} support and query "
         f"points in training, inner SGD α = {config.inner_lr}, outer Adam {config.meta_lr}, "
         f"seed {config.seed}. Evaluation: {config.eval_tasks} held-out tasks, "
         f"{config.eval_query} query points each, fine-tuning with plain SGD α = "
-        f"{config.inner_lr} (Meta-SGD with its learned rates). Query MSE, mean ± 95% "
+        f"{config.inner_lr} (Meta-SGD and MAML++ with their learned rates). MAML++ takes "
+        f"the protocol's one inner step (learned per-tensor rates; no BatchNorm in the MLP); "
+        f"iMAML {IMAML_INNER_STEPS} steps with λ = {IMAML_LAM}. Query MSE, mean ± 95% "
         f"confidence interval (1.96·std/√n) over the tasks that did not diverge; the "
         f"median is over all tasks. fastmeta {results['versions']['fastmeta']}, torch "
         f"{results['versions']['torch']}, {_threads(results['versions']['torch_threads'])}; "
