@@ -32,6 +32,7 @@ from ._config import BenchConfig, setting
 from ._evaluate import accuracy, curve_table, fine_tuning_curve
 from ._protocol import Benchmark, Outcome, RunPlan, adam
 from ._runner import run_benchmark
+from ._seeds import with_seeds
 from ._signals import StopFlag
 from ._stats import format_cell
 
@@ -61,18 +62,21 @@ class DigitsConfig(BenchConfig):
     eval_steps: int = setting(5, "fine-tuning steps evaluated (0 through this)")
     eval_tasks: int = setting(600, "held-out tasks")
     meta_lr: float = setting(1e-3, "Adam learning rate of the outer loop")
-    seed: int = setting(0, "seed of weights, class split and tasks")
+    seed: int = setting(0, "seed of weights and tasks (the class split is fixed)")
+    seeds: int = setting(1, "independent seeds seed, seed+1, ...: one checkpoint each, "
+                         "results per seed and across seeds")
     engine: str = setting("auto", "learner engine", choices=("auto", "vmap", "higher"))
     checkpoint_every: int = setting(250, "meta-iterations between checkpoints")
 
-    # Each run trains on one shot count (checked per run); evaluation settings.
-    not_shared: ClassVar[tuple[str, ...]] = ("shots", "eval_steps", "eval_tasks")
+    # Each run trains on one shot count (checked per run), and --seeds (each seed's runs
+    # are checked with their own seed).
+    not_shared: ClassVar[tuple[str, ...]] = ("shots", "eval_steps", "eval_tasks", "seeds")
 
     def __post_init__(self) -> None:
         self._validate(
             allowed_algorithms=DIGITS_ALGORITHMS,
             counts=("query", "iterations", "meta_batch_size", "hidden", "inner_steps",
-                    "eval_tasks", "checkpoint_every"),
+                    "eval_tasks", "checkpoint_every", "seeds"),
             int_lists=("shots",),
             rates=("inner_lr", "meta_lr"),
         )
@@ -332,7 +336,7 @@ def _eval_figures(learner: MetaLearner, algorithm: str, evaluation: dict[str, An
                           title=f"{algorithm}: fine-tuning on held-out classes")]
 
 
-BENCHMARK = Benchmark(
+BENCHMARK = with_seeds(Benchmark(
     name="digits",
     help="few-shot digit classification (offline, scikit-learn's 8x8 digits)",
     description="N-way 1-shot and 5-shot classification on held-out digit classes "
@@ -349,4 +353,4 @@ BENCHMARK = Benchmark(
     eval_text=lambda algorithm, evaluation, config: curve_table(
         algorithm, "query accuracy", evaluation),
     eval_figures=_eval_figures,
-)
+), format_cell)

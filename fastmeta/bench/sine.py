@@ -25,6 +25,7 @@ from ._config import BenchConfig, setting
 from ._evaluate import adapt_quietly, curve_table, fine_tuning_curve, per_task
 from ._protocol import Benchmark, RunPlan, adam
 from ._runner import run_benchmark
+from ._seeds import with_seeds
 from ._signals import StopFlag
 from ._stats import format_cell, summarize
 
@@ -69,18 +70,21 @@ class SineConfig(BenchConfig):
     inner_lr: float = setting(0.01, "inner SGD learning rate, in training and evaluation")
     meta_lr: float = setting(1e-3, "Adam learning rate of the outer loop")
     seed: int = setting(0, "seed of the initial weights and of every task draw")
+    seeds: int = setting(1, "independent seeds seed, seed+1, ...: one checkpoint each, "
+                         "results per seed and across seeds")
     engine: str = setting("auto", "learner engine", choices=("auto", "vmap", "higher"))
     checkpoint_every: int = setting(1000, "meta-iterations between checkpoints")
 
     # Evaluation settings: they do not change a learner's training.
+    # Evaluation settings and --seeds (each seed's runs are checked with their own seed).
     not_shared: ClassVar[tuple[str, ...]] = ("eval_shots", "eval_steps", "eval_tasks",
-                                             "eval_query")
+                                             "eval_query", "seeds")
 
     def __post_init__(self) -> None:
         self._validate(
             allowed_algorithms=SINE_ALGORITHMS,
             counts=("iterations", "meta_batch_size", "train_shots", "eval_tasks", "eval_query",
-                    "checkpoint_every"),
+                    "checkpoint_every", "seeds"),
             int_lists=("eval_shots",),
             rates=("inner_lr", "meta_lr"),
         )
@@ -454,7 +458,7 @@ def _eval_figures(learner: MetaLearner, algorithm: str, evaluation: dict[str, An
     return [curves, *fits]
 
 
-BENCHMARK = Benchmark(
+BENCHMARK = with_seeds(Benchmark(
     name="sine",
     help="sine-wave regression: the MAML paper's protocol",
     description="Meta-train each algorithm on sine-wave tasks and evaluate them all on the "
@@ -470,4 +474,4 @@ BENCHMARK = Benchmark(
     eval_options={"shots": "eval_shots", "steps": "eval_steps", "tasks": "eval_tasks"},
     eval_text=_eval_text,
     eval_figures=_eval_figures,
-)
+), format_cell)
