@@ -344,6 +344,19 @@ class MetaLearner(nn.Module):
             return self._engine.decision
         return EngineDecision(self.engine, "chosen explicitly (engine=...)")
 
+    @property
+    def engine_tuning(self) -> bool:
+        """Whether ``engine="auto"`` times its exact candidates on the first meta-steps and
+        keeps the fastest (the default). Set it to ``False`` before the first meta-step for
+        runs that must repeat bit for bit (resumed benchmark runs do): the engines agree to
+        rounding, not to the last bit."""
+        return isinstance(self._engine, AutoEngine) and self._engine.tune
+
+    @engine_tuning.setter
+    def engine_tuning(self, enabled: bool) -> None:
+        if isinstance(self._engine, AutoEngine):
+            self._engine.tune = bool(enabled)
+
     def _check_engine(
         self, kind: str, make_task: Callable[[], TaskBatch], *, steps: int | None = None,
         agree: Callable[[int], int] | None = None,
@@ -530,6 +543,10 @@ class MetaLearner(nn.Module):
             "meta_gradient", lambda: self.prepare(batch),
             agree=None if agree is None else partial(agree, self),
         )
+        engine = self._engine
+        if isinstance(engine, AutoEngine) and engine.tuning_ready():
+            agree_times = getattr(sync, "agree_times", None)
+            engine.decide_tuning(None if agree_times is None else partial(agree_times, self))
 
         def local() -> MetaLosses:
             self._check_optimizer(optimizer)

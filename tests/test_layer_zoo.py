@@ -23,7 +23,7 @@ import fastmeta
 from tests._zoo import ZOO, draw_task, finite_difference_check, loss_of, reference_meta_gradient
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd")
-ENGINES = ("vmap", "higher", "auto")
+ENGINES = ("vmap", "loop", "higher", "auto")
 INNER_LR, STEPS = 0.1, 2
 
 
@@ -95,7 +95,8 @@ CASES = [(name, algorithm, engine) for name in ZOO for algorithm in ALGORITHMS
 @pytest.mark.parametrize("name,algorithm,engine", CASES, ids=["-".join(c) for c in CASES])
 def test_meta_gradient_equals_the_per_task_reference(name, algorithm, engine):
     entry = ZOO[name]
-    refusal = {"vmap": entry.vmap, "higher": entry.higher, "auto": entry.higher}[engine]
+    refusal = {"vmap": entry.vmap, "loop": entry.higher, "higher": entry.higher,
+               "auto": entry.higher}[engine]
     if refusal:
         with pytest.raises(ValueError, match=refusal):
             _learner(name, algorithm, engine)

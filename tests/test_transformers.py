@@ -94,7 +94,7 @@ def test_meta_training_a_bert_lowers_its_query_loss():
     optimizer = torch.optim.Adam(learner.parameters(), lr=3e-3)
     task = _task()
     losses = [learner.meta_step(task, optimizer).loss for _ in range(15)]
-    assert learner.engine == "vmap"
+    assert learner.engine in ("vmap", "loop")  # exact either way; the tuner measured them
     assert losses[-1] < losses[0]
     before = [p.detach().clone() for p in model.parameters()]
     learner.adapt(task.support_x[0], task.support_y[0], steps=3)

@@ -111,7 +111,10 @@ def build_learner(spec: dict[str, Any], *, seed: int | None = None) -> MetaLearn
     model = build_model(spec, seed=seed)
     kwargs: dict[str, Any] = _tuples(spec["learner"])
     kwargs.update({name: _module(module) for name, module in spec.get("modules", {}).items()})
-    return ALGORITHMS[algorithm](model, **kwargs)
+    learner = ALGORITHMS[algorithm](model, **kwargs)
+    # A resumed run must repeat the uninterrupted one bit for bit: one engine throughout.
+    learner.engine_tuning = False
+    return learner
 
 
 def load_state(learner: MetaLearner, payload: dict[str, Any], path: Path | str) -> None:

@@ -69,6 +69,12 @@ class MetaGradientAverager:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return int(flag)
 
+    def agree_times(self, learner: MetaLearner, times: list[float]) -> list[float]:
+        """Every rank's timings summed (``engine="auto"``'s tuner), so all choose alike."""
+        flat = torch.tensor(times, dtype=torch.float64, device=learner.device)
+        dist.all_reduce(flat, group=self.group)
+        return [float(t) for t in flat]
+
     def __call__(
         self, learner: MetaLearner, local: Callable[[], MetaLosses]
     ) -> MetaLosses:

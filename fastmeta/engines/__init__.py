@@ -4,6 +4,8 @@
   optimiser higher knows.
 - ``"vmap"``: ``torch.func`` (``functional_call`` + ``grad`` + ``vmap`` over tasks), the
   fast path; optionally ``torch.compile``d.
+- ``"loop"``: ``functional_call`` and autograd, task by task: the memory of one task,
+  and no batching rule involved.
 - ``"auto"`` (default): ``"vmap"`` where a first-call check finds it exact for the model,
   ``"higher"`` otherwise, with a warning that names the reason.
 
@@ -37,9 +39,11 @@ from ._base import (
 )
 from ._exact import exact_layers, refused_layer, without_randomness
 from ._higher import HigherEngine
+from ._loop import LoopEngine
+from ._tuner import Tuner
 from ._vmap import VmapEngine
 
-ENGINES = ("auto", "vmap", "higher")
+ENGINES = ("auto", "vmap", "loop", "higher")
 
 
 def resolve_engine(
@@ -72,6 +76,15 @@ def resolve_engine(
                 "compile=False with engine='higher'"
             )
         return HigherEngine()
+    if engine == "loop":
+        if compile:
+            raise ValueError("compile=True needs the vectorised engine; use engine='vmap' or "
+                             "'auto', or compile=False with engine='loop'")
+        if not optimizer.functional:
+            reason = vmap_obstacle(model, optimizer)
+            raise ValueError(f"engine='loop' cannot run this learner: {reason}; use "
+                             f"engine='higher' or 'auto'")
+        return LoopEngine()
     if engine == "vmap":
         obstacle = vmap_obstacle(model, optimizer)
         if obstacle:
@@ -85,6 +98,7 @@ def resolve_engine(
 __all__ = [
     "ENGINES",
     "TORCH_FUNC_REFUSALS",
+    "Tuner",
     "Adaptation",
     "AutoEngine",
     "Engine",
@@ -94,6 +108,7 @@ __all__ = [
     "InnerLoop",
     "InnerObjective",
     "InnerRates",
+    "LoopEngine",
     "MetaGrad",
     "MetaLosses",
     "OuterObjective",

@@ -35,6 +35,8 @@ from .._task import TaskBatch
 from ._base import Adaptation, Engine, InnerLoop, MetaGrad, MetaLosses, OuterObjective
 from ._exact import unvectorisable_layer
 from ._higher import HigherEngine
+from ._loop import LoopEngine
+from ._tuner import Key, Tuner, shape_key
 from ._vmap import VmapEngine
 
 # Probe(engine, dtype): the learner's computation on a copy of itself, run by ``engine``
@@ -92,6 +94,9 @@ class EngineDecision:
         max_error: worst relative difference between the engines in those checks
             (``None`` before any check).
         check_seconds: time spent checking, in total.
+        timings: best seconds per meta-step of each exact candidate on the latest batch
+            shape the tuner measured (``None`` before it has), e.g.
+            ``{"vmap": 0.9, "vmap, chunks of 4": 0.7, "loop": 0.5}``.
     """
 
     engine: str
@@ -99,6 +104,7 @@ class EngineDecision:
     checked: tuple[str, ...] = ()
     max_error: float | None = None
     check_seconds: float = 0.0
+    timings: dict[str, float] | None = None
 
 
 def _first_line(error: BaseException) -> str:
@@ -145,9 +151,14 @@ class AutoEngine(Engine):
     """
 
     def __init__(self, model: nn.Module, optimizer: InnerOptimizer, *, compile: bool,
-                 verify: bool = True) -> None:
+                 verify: bool = True, tune: bool = True,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         obstacle = vmap_obstacle(model, optimizer)
         self.verify = verify
+        self.tune = tune and not compile  # compile=True asks for the vectorised engine
+        self._clock = clock
+        self._tuner: Tuner | None = None
+        self._latest_key: Key | None = None
         self._higher = HigherEngine()
         self._vmap: VmapEngine | None = None if obstacle else VmapEngine(compile=compile)
         self._current: Engine = self._vmap or self._higher
@@ -163,13 +174,34 @@ class AutoEngine(Engine):
 
     @property
     def name(self) -> str:  # type: ignore[override]
+        tuner, key = self._tuner, self._latest_key
+        if tuner is not None and key in tuner.chosen:
+            return dict(tuner.candidates)[tuner.chosen[key]].name
         return self._current.name
 
     @property
     def decision(self) -> EngineDecision:
         """The current choice and how it was made."""
-        return EngineDecision(self.name, self._reason, tuple(self._checked), self._max_error,
-                              self._seconds)
+        tuner, key = self._tuner, self._latest_key
+        timings = tuner.timings.get(key) if tuner is not None and key is not None else None
+        reason = self._reason
+        if timings:
+            reason += f"; measured fastest: {tuner.chosen[key]}"  # type: ignore[union-attr,index]
+        return EngineDecision(self.name, reason, tuple(self._checked), self._max_error,
+                              self._seconds, timings)
+
+    def _start_tuning(self, candidates: list[tuple[str, Engine]]) -> None:
+        if self.tune and self._tuner is None:
+            self._tuner = Tuner(candidates, clock=self._clock)
+
+    def tuning_ready(self) -> bool:
+        """Whether measured batch shapes wait for :meth:`decide_tuning`."""
+        return self._tuner is not None and bool(self._tuner.ready())
+
+    def decide_tuning(self, agree: Callable[[list[float]], list[float]] | None = None) -> None:
+        """Keep the fastest candidate for every measured batch shape (all ranks alike)."""
+        if self._tuner is not None:
+            self._tuner.decide(agree)
 
     def _warn(self, reason: str) -> None:
         warnings.warn(
@@ -213,6 +245,10 @@ class AutoEngine(Engine):
         if verdict == DISAGREE:
             self._checked.append(kind)
             self._switch_to_higher(reason)
+            # torch.func runs the model but a batching rule is wrong: without vmap,
+            # task by task, it is exact, and may be faster than higher.
+            if "differs" in reason:
+                self._start_tuning([("higher", self._higher), ("loop", LoopEngine())])
         elif verdict == AGREE:
             self._checked.append(kind)
             self._reason = f"vectorised; checked against higher ({', '.join(self._checked)})"
@@ -257,7 +293,17 @@ class AutoEngine(Engine):
 
     def meta_gradient(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
                       outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
-        return self._call("meta_gradient", module, task, loop, outer, order=order)
+        if self._settled and self._current is self._vmap:
+            self._start_tuning([("vmap", self._vmap), ("vmap, chunks of 4",
+                                                       VmapEngine(chunk_size=4)),
+                                ("loop", LoopEngine())])
+        tuner = self._tuner
+        if tuner is None or not self._settled or not (self.tune or tuner.chosen):
+            return self._call("meta_gradient", module, task, loop, outer, order=order)
+        self._latest_key = shape_key(task)
+        _, losses = tuner.run(self._latest_key, lambda engine: engine.meta_gradient(
+            module, task, loop, outer, order=order))
+        return losses
 
     def _call(self, verb: str, module: nn.Module, task: TaskBatch, loop: InnerLoop, *args: Any,
               **kwargs: Any) -> Any:

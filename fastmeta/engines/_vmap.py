@@ -25,6 +25,7 @@ Random layers (Dropout) draw their own masks for every task (``vmap`` with
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -48,7 +49,7 @@ from ._base import (
 from ._exact import exact_layers
 
 
-def _one_task(
+def one_task(
     module: nn.Module,
     loop: InnerLoop,
     order: MetaGrad,
@@ -119,16 +120,16 @@ def _meta_batch(
     task: TaskBatch,
     batch_indices: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Params]:
-    """:func:`_one_task` vectorised over the tasks of ``task``."""
+    """:func:`one_task` vectorised over the tasks of ``task``."""
     args = (*task, batch_indices)
     in_dims = tuple(None if value is None else 0 for value in args)
     # Random layers (Dropout) draw their own masks for every task.
-    batched = vmap(partial(_one_task, module, loop, order, outer, trainable, frozen, buffers),
+    batched = vmap(partial(one_task, module, loop, order, outer, trainable, frozen, buffers),
                    in_dims=in_dims, randomness="different")
     return batched(*args)
 
 
-def _split(module: nn.Module) -> tuple[Params, Params, Params]:
+def split_parameters(module: nn.Module) -> tuple[Params, Params, Params]:
     named: list[tuple[str, Tensor]] = list(module.named_parameters())
     trainable = {n: p for n, p in named if p.requires_grad}
     frozen = {n: p for n, p in named if not p.requires_grad}
@@ -141,17 +142,40 @@ class VmapEngine(Engine):
     Args:
         compile: ``torch.compile`` the meta-objective computation, once per input shape
             and configuration; if compiling fails, warn once and run uncompiled.
+        chunk_size: vectorise over groups of at most this many tasks, with one backward
+            per group, so that :meth:`meta_gradient` holds one group's graph at a time
+            (``None``: the whole meta-batch at once).
     """
 
     name = "vmap"
 
-    def __init__(self, *, compile: bool = False) -> None:
+    def __init__(self, *, compile: bool = False, chunk_size: int | None = None) -> None:
         self.compile = compile
+        self.chunk_size = chunk_size
         self._compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
+
+    def meta_gradient(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
+                      outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
+        size = self.chunk_size
+        if size is None or task.num_tasks <= size:
+            return super().meta_gradient(module, task, loop, outer, order=order)
+        queries, supports = [], []
+        for start in range(0, task.num_tasks, size):
+            part = TaskBatch(*(None if t is None else t[start:start + size]  # type: ignore[arg-type]
+                               for t in task))
+            indices = loop.batch_indices
+            part_loop = dataclasses.replace(
+                loop, batch_indices=None if indices is None else indices[start:start + size])
+            losses = self.meta_loss(module, part, part_loop, outer, order=order)
+            assert losses.objectives is not None
+            (losses.objectives.sum() / task.num_tasks).backward()
+            queries.append(losses.query_losses)
+            supports.append(losses.support_losses)
+        return MetaLosses(torch.cat(queries), torch.cat(supports))
 
     def adapt(self, module: nn.Module, task: TaskBatch, loop: InnerLoop, *,
               order: MetaGrad = MetaGrad.NONE) -> Adaptation:
-        trainable, frozen, buffers = _split(module)
+        trainable, frozen, buffers = split_parameters(module)
         second_order = order is MetaGrad.SECOND_ORDER
         with exact_layers(module, vectorised=True, second_order=second_order), \
                 torch.no_grad() if order is MetaGrad.NONE else contextlib.nullcontext():
@@ -165,7 +189,7 @@ class VmapEngine(Engine):
 
     def meta_loss(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
                   outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
-        trainable, frozen, buffers = _split(module)
+        trainable, frozen, buffers = split_parameters(module)
         fn = partial(_meta_batch, module, loop, order, outer)
         with exact_layers(module, vectorised=True,
                           second_order=order is MetaGrad.SECOND_ORDER):

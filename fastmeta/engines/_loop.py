@@ -1,0 +1,122 @@
+"""The per-task engine: ``functional_call`` and autograd, one task at a time.
+
+Per task: the user's unmodified module under ``torch.func.functional_call`` with the task's
+fast weights and its own copy of the buffers, ``torch.autograd.grad`` for each inner step
+(``create_graph=True`` for second order), fastmeta's update rules (the ones every engine
+runs), then that task's own ``backward()``. No ``vmap`` and no batching rule: it runs every
+model (recurrent layers too), its memory is that of one task, and on a CPU it is often the
+fastest way to run convolutions (measured in ``benchmarks/scale.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .._task import TaskBatch
+from ._base import (
+    Adaptation,
+    Engine,
+    InnerContext,
+    InnerLoop,
+    MetaGrad,
+    MetaLosses,
+    OuterObjective,
+    Params,
+    stack_dicts,
+    support_batch,
+)
+from ._exact import exact_layers
+
+
+def _run_task(module: nn.Module, task: TaskBatch, loop: InnerLoop, t: int, order: MetaGrad,
+              outer: OuterObjective | None) -> tuple[Any, Any, Tensor, Params, Params]:
+    """Task ``t``: (meta-objective, query loss, support losses, params, buffers)."""
+    named: dict[str, Tensor] = dict(module.named_parameters())
+    if order is MetaGrad.NONE:
+        named = {n: p.detach() for n, p in named.items()}
+    buffers = {n: b.clone() for n, b in module.named_buffers()}  # this task's own copy
+    fixed = {n: p for n, p in named.items() if n not in loop.adapted}
+    rule = loop.optimizer.rule()
+
+    def forward(step: int, fast: Params, x: Tensor) -> Tensor:
+        extra = loop.step_params(step) if loop.step_params is not None else {}
+        return functional_call(module, ({**fixed, **extra, **fast}, buffers), (x,))
+
+    initial = {n: named[n] for n in loop.adapted}
+    if order is MetaGrad.NONE:
+        initial = {n: p.requires_grad_(True) for n, p in initial.items()}
+    fast, state = dict(initial), rule.init(initial)
+    second = order is MetaGrad.SECOND_ORDER
+    losses, objective = [], None
+    weights = outer.weights(loop.steps) if outer is not None else ()
+    for step in range(loop.steps):
+        x, y = support_batch(task, loop, t, step)
+        context = InnerContext(module, partial(forward, step, fast), fast, initial, x, y, step)
+        loss = loop.objective(context)
+        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=second,
+                                    allow_unused=True)
+        grads_by_name = {n: torch.zeros_like(p) if g is None else (g if second else g.detach())
+                         for (n, p), g in zip(fast.items(), grads)}
+        fast, state = rule.update(fast, grads_by_name, state, loop.rates(step))
+        if order is MetaGrad.NONE:
+            fast = {n: p.detach().requires_grad_(True) for n, p in fast.items()}
+        losses.append(loss.detach())
+        if outer is not None and weights[step] != 0 and step < loop.steps - 1:
+            term = weights[step] * outer.loss_fn(forward(step + 1, fast, task.query_x[t]),
+                                                 task.query_y[t])
+            objective = term if objective is None else objective + term
+    query = None
+    if outer is not None:
+        query = outer.loss_fn(forward(loop.steps, fast, task.query_x[t]), task.query_y[t])
+        last = query if weights[-1] == 1.0 else weights[-1] * query
+        objective = last if objective is None else objective + last
+    extra = loop.step_params(loop.steps) if loop.step_params is not None else {}
+    params = {**fixed, **extra, **fast}
+    if order is MetaGrad.NONE:
+        params = {n: p.detach() for n, p in params.items()}
+    support = torch.stack(losses) if losses else torch.zeros(0)
+    return objective, query, support, params, {n: b.detach() for n, b in buffers.items()}
+
+
+class LoopEngine(Engine):
+    """Runs the inner loop of each task in turn with ``functional_call`` and autograd."""
+
+    name = "loop"
+
+    @staticmethod
+    def _context(module: nn.Module, order: MetaGrad) -> contextlib.AbstractContextManager[Any]:
+        return exact_layers(module, vectorised=False,
+                            second_order=order is MetaGrad.SECOND_ORDER)
+
+    def adapt(self, module: nn.Module, task: TaskBatch, loop: InnerLoop, *,
+              order: MetaGrad = MetaGrad.NONE) -> Adaptation:
+        with self._context(module, order), torch.enable_grad():
+            runs = [_run_task(module, task, loop, t, order, None) for t in range(task.num_tasks)]
+        return Adaptation(stack_dicts([r[3] for r in runs]), stack_dicts([r[4] for r in runs]),
+                          torch.stack([r[2] for r in runs]))
+
+    def meta_loss(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
+                  outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
+        with self._context(module, order):
+            runs = [_run_task(module, task, loop, t, order, outer)
+                    for t in range(task.num_tasks)]
+        return MetaLosses(torch.stack([r[1] for r in runs]).detach(),
+                          torch.stack([r[2] for r in runs]), torch.stack([r[0] for r in runs]))
+
+    def meta_gradient(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
+                      outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
+        """Task by task, each task's graph freed after its backward (memory of one task)."""
+        queries, supports = [], []
+        with self._context(module, order):
+            for t in range(task.num_tasks):
+                objective, query, support, _, _ = _run_task(module, task, loop, t, order, outer)
+                (objective / task.num_tasks).backward()
+                queries.append(query.detach())
+                supports.append(support)
+        return MetaLosses(torch.stack(queries), torch.stack(supports))

@@ -1,0 +1,87 @@
+"""Choosing between exact engines by measuring them on the learner's own meta-steps.
+
+For each batch shape (the shapes of a task's tensors, without the task dimension), the
+first meta-gradient runs on the first candidate untimed (a warm-up), the next
+``rounds × len(candidates)`` run on each candidate in turn and are timed, and from then on
+the candidate with the smallest best time runs. Every candidate is exact, so the tuning
+meta-steps are ordinary meta-steps: tuning costs no extra computation, only the time of the
+slower candidates during those steps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .._task import TaskBatch
+from ._base import Engine
+
+Key = tuple[Any, ...]
+
+
+def shape_key(task: TaskBatch) -> Key:
+    """The shapes of one task's tensors (the task dimension left out)."""
+    return tuple(None if t is None else (tuple(t.shape[1:]), str(t.dtype)) for t in task)
+
+
+class Tuner:
+    """Times ``candidates`` on real meta-steps and keeps the fastest, per batch shape.
+
+    Args:
+        candidates: ``(label, engine)`` pairs, every one exact for the model.
+        rounds: timed meta-steps per candidate (the best of them counts).
+        clock: the timer (``time.perf_counter``; tests pass a fake one).
+    """
+
+    def __init__(self, candidates: Sequence[tuple[str, Engine]], *, rounds: int = 2,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.candidates = list(candidates)
+        self.rounds = rounds
+        self.clock = clock
+        self._calls: dict[Key, int] = {}
+        self._times: dict[Key, dict[str, list[float]]] = {}
+        self.chosen: dict[Key, str] = {}
+        self.timings: dict[Key, dict[str, float]] = {}
+
+    @property
+    def steps(self) -> int:
+        """Meta-steps per batch shape before the choice: one warm-up, then the timed ones."""
+        return 1 + self.rounds * len(self.candidates)
+
+    def run(self, key: Key, call: Callable[[Engine], Any]) -> tuple[str, Any]:
+        """Run ``call(engine)`` on the engine for ``key`` (timing it while tuning)."""
+        engines = dict(self.candidates)
+        if key in self.chosen:
+            label = self.chosen[key]
+            return label, call(engines[label])
+        position = self._calls.get(key, 0)
+        if position >= self.steps:  # measured, waiting for decide()
+            label = self.candidates[0][0]
+            return label, call(engines[label])
+        self._calls[key] = position + 1
+        if position == 0:
+            label = self.candidates[0][0]
+            return label, call(engines[label])
+        label = self.candidates[(position - 1) % len(self.candidates)][0]
+        start = self.clock()
+        result = call(engines[label])
+        self._times.setdefault(key, {}).setdefault(label, []).append(self.clock() - start)
+        return label, result
+
+    def ready(self) -> list[Key]:
+        """Batch shapes measured but not decided yet."""
+        return [k for k, n in self._calls.items() if n >= self.steps and k not in self.chosen]
+
+    def decide(self, agree: Callable[[list[float]], list[float]] | None = None) -> None:
+        """Choose the fastest candidate for every measured batch shape.
+
+        Args:
+            agree: combines the times with the other processes of a data-parallel job
+                (e.g. their sum), so that every process makes the same choice.
+        """
+        for key in self.ready():
+            best = [min(self._times[key][label]) for label, _ in self.candidates]
+            combined = agree(best) if agree is not None else best
+            self.timings[key] = {label: t for (label, _), t in zip(self.candidates, combined)}
+            self.chosen[key] = min(self.timings[key], key=self.timings[key].__getitem__)

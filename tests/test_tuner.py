@@ -1,0 +1,142 @@
+"""engine="auto" times its exact candidates on real meta-steps and keeps the fastest."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import fastmeta
+from fastmeta.engines import LoopEngine, Tuner, VmapEngine
+from fastmeta.engines._tuner import shape_key
+from tests.conftest import make_task, tiny_mlp
+from tests.test_auto_engine import _unknown_layer_model
+
+
+class FakeClock:
+    """Advances only when told to: each engine's run costs what the test says."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _costed(monkeypatch, clock: FakeClock, costs: dict[type, float]) -> None:
+    for cls in costs:
+        original = cls.meta_gradient
+
+        def timed(self, *args, _original=original, _cls=cls, **kwargs):
+            result = _original(self, *args, **kwargs)
+            clock.now += costs[_cls] * (2 if getattr(self, "chunk_size", None) else 1)
+            return result
+
+        monkeypatch.setattr(cls, "meta_gradient", timed)
+
+
+class Named:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def test_the_tuner_keeps_the_fastest_candidate_per_batch_shape():
+    clock, ran = FakeClock(), []
+    costs = {"a": 3.0, "b": 1.0, "c": 2.0}
+
+    def call(e):
+        ran.append(e.name)
+        clock.now += costs[e.name]
+        return e.name
+
+    a, b, c = (("a", Named("a")), ("b", Named("b")), ("c", Named("c")))
+    tuner = Tuner([a, b, c], rounds=2, clock=clock)
+    for _ in range(tuner.steps):
+        tuner.run(("shape",), call)
+    assert ran == ["a", "a", "b", "c", "a", "b", "c"]  # warm-up, then two rounds
+    assert tuner.ready() == [("shape",)]
+    tuner.decide()
+    assert tuner.chosen[("shape",)] == "b" and tuner.timings[("shape",)]["a"] == 3.0
+    assert tuner.run(("shape",), call)[0] == "b"
+    assert tuner.run(("other",), call)[0] == "a"  # a new shape starts over
+    assert ("other",) not in tuner.chosen
+
+
+def test_every_rank_takes_the_choice_of_the_summed_times():
+    costs = {"a": 1.0, "b": 2.0}
+    other_rank = [5.0, 0.5]  # b is far faster there
+    clock = FakeClock()
+
+    def call(e):
+        clock.now += costs[e.name]
+
+    tuner = Tuner([("a", Named("a")), ("b", Named("b"))], clock=clock)
+    for _ in range(tuner.steps):
+        tuner.run("k", call)
+    tuner.decide(lambda mine: [x + y for x, y in zip(mine, other_rank)])
+    assert tuner.chosen["k"] == "b"  # 6.0 against 2.5
+
+
+def test_auto_takes_the_fastest_exact_engine_and_its_meta_gradients_are_exact(monkeypatch):
+    clock = FakeClock()
+    _costed(monkeypatch, clock, {VmapEngine: 5.0, LoopEngine: 1.0})
+    learner = fastmeta.MAML(tiny_mlp(), inner_lr=0.1, inner_steps=2)
+    learner._engine._clock = clock
+    task = make_task(tasks=6, dtype=torch.float64)
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.0)
+    for _ in range(1 + 7):  # the checked first call, then the tuner's 1 + 2 × 3 steps
+        learner.meta_step(task, optimizer)
+    assert learner.engine == "vmap"  # measured, decided at the next meta-step
+    learner.meta_step(task, optimizer)
+    decision = learner.engine_decision
+    assert learner.engine == "loop" and "measured fastest: loop" in decision.reason
+    assert decision.timings == {"vmap": 5.0, "vmap, chunks of 4": 10.0, "loop": 1.0}
+    reference = fastmeta.MAML(tiny_mlp(), inner_lr=0.1, inner_steps=2, engine="higher")
+    reference.meta_step(task, torch.optim.SGD(reference.parameters(), lr=0.0))
+    for a, b in zip(learner.parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+    # a new batch shape is measured anew
+    learner.meta_step(make_task(tasks=6, shots=7, dtype=torch.float64), optimizer)
+    assert learner.engine_decision.timings is None
+
+
+def test_auto_never_tunes_towards_an_inexact_engine():
+    learner = fastmeta.MAML(_unknown_layer_model(), inner_lr=0.5, inner_steps=2)
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "engine='auto' uses the 'higher' engine")
+        for _ in range(1 + 5 + 1):
+            learner.meta_step(make_task(dtype=torch.float64), optimizer)
+    assert set(learner.engine_decision.timings or {}) == {"higher", "loop"}
+    assert learner.engine in ("higher", "loop")
+
+
+def test_tuning_can_be_turned_off():
+    learner = fastmeta.MAML(tiny_mlp(), inner_lr=0.1)
+    learner.engine_tuning = False
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.0)
+    for _ in range(10):
+        learner.meta_step(make_task(dtype=torch.float64), optimizer)
+    assert learner.engine == "vmap" and learner.engine_decision.timings is None
+    assert fastmeta.MAML(tiny_mlp(), inner_lr=0.1, engine="vmap").engine_tuning is False
+
+
+def test_shape_keys_ignore_the_task_count():
+    assert shape_key(make_task(tasks=3)) == shape_key(make_task(tasks=2))
+    assert shape_key(make_task(shots=3)) != shape_key(make_task(shots=4))
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_chunked_vectorisation_equals_the_whole_batch(chunk):
+    task = make_task(tasks=5, dtype=torch.float64)
+    grads = []
+    for engine in (VmapEngine(), VmapEngine(chunk_size=chunk), LoopEngine()):
+        learner = fastmeta.MetaSGD(tiny_mlp(), inner_lr=0.1, inner_steps=2, engine="vmap")
+        learner._engine = engine
+        result = learner.meta_step(task, torch.optim.SGD(learner.parameters(), lr=0.0))
+        assert result.task_losses.shape == (5,) and result.support_losses.shape == (5, 2)
+        grads.append([p.grad for p in learner.parameters()])
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
