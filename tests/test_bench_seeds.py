@@ -81,7 +81,9 @@ def test_sine_seeds_with_figures_of_the_first_seed(tmp_path: Path) -> None:
     assert (tmp_path / "fine_tuning_curves.png").is_file()
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["config"]["seeds"] == 2
-    assert "| maml | 3, 1 steps |" in (tmp_path / "results.md").read_text()
+    text = (tmp_path / "results.md").read_text()
+    assert "| maml | 3, 1 steps |" in text
+    assert text.count("## fastmeta bench sine") == 2 and text.count("![") == 3  # figures once
 
 
 def test_seeds_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:

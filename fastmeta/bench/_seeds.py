@@ -151,7 +151,8 @@ def with_seeds(benchmark: Benchmark, cell: Callable[[dict[str, Any]], str]) -> B
         ]
         for name, found in results["algorithms"].items():
             for label, summary in _cells(found["across_seeds"]):
-                per_seed = ", ".join(f"{m:.3f}" for m in summary["per_seed"])
+                per_seed = ", ".join(f"{m:.3g}" if abs(m) >= 1e4 else f"{m:.3f}"
+                                     for m in summary["per_seed"])
                 lines.append(f"| {name} | {label} | {cell(summary)} | {summary['median']:.3f} "
                              f"| {summary['diverged']}/{summary['tasks']} | {per_seed} |")
         for seed in seeds:
