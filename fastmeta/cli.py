@@ -6,6 +6,8 @@ Usage:
     fastmeta bench sine --out runs/sine --resume             # continue an interrupted run
     fastmeta bench digits --quick --out runs/digits
     fastmeta bench daml --quick --out runs/daml
+    fastmeta bench omniglot --root data --download 1 --out runs/omniglot   # needs the data
+    fastmeta bench miniimagenet --root data --out runs/miniimagenet
     fastmeta eval runs/sine/checkpoints/maml.pt --shots 5 --steps 10 --plot
 
 The flags of each ``bench`` command are generated from its configuration dataclass
@@ -205,7 +207,7 @@ def _bench(args: argparse.Namespace) -> int:
             print(f"fastmeta: {error}", file=sys.stderr)
         return error.exit_status
     except (TrainingDiverged, FileExistsError, ImportError, OutDirError, RunLocked,
-            CheckpointError) as error:
+            CheckpointError, FileNotFoundError, ConnectionError) as error:
         if main_process:
             print(f"fastmeta: error: {error}", file=sys.stderr)
         return EXIT_FAILED

@@ -19,7 +19,7 @@ from fastmeta.bench._checkpoint import save_checkpoint
 from fastmeta.bench._evaluate_checkpoint import evaluate_checkpoint
 from fastmeta.bench._train import TrainingRun, train
 from fastmeta.bench.digits import DigitsConfig, run_digits
-from fastmeta.bench.sine import SINE_ALGORITHMS, SineConfig, run_sine
+from fastmeta.bench.sine import SINE_DEFAULT, SineConfig, run_sine
 from fastmeta.cli import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -55,7 +55,7 @@ def test_bench_sine_writes_every_file_algorithm_and_cell(sine_run):
     for figure in results["figures"]:
         assert (out / figure).read_bytes()[:8] == PNG
     saved = json.loads((out / "results.json").read_text())
-    assert list(saved["algorithms"]) == list(SINE_ALGORITHMS)
+    assert list(saved["algorithms"]) == list(SINE_DEFAULT)
     for name, entry in saved["algorithms"].items():
         assert (out / entry["checkpoint"]).is_file()
         assert set(entry["evaluation"]["curves"]) == {"2", "3"}
@@ -71,7 +71,17 @@ def test_bench_sine_writes_every_file_algorithm_and_cell(sine_run):
     assert saved["speed"]["first_order_over_second_order"] > 0
     markdown = (out / "results.md").read_text()
     assert "## K = 2 support points" in markdown and "| maml |" in markdown
+    assert "| mamlpp |" in markdown
     assert "## Robustness" in markdown and "## Training speed" in markdown
+
+
+def test_bench_sine_imaml_row_when_named(tmp_path):
+    config = SineConfig(**{**TINY, "iterations": 3, "eval_shots": (2,)},
+                        algorithms=("maml", "imaml"))
+    results = run_sine(config, tmp_path, progress=False, plots=False, log=_quiet)
+    assert list(results["algorithms"]) == ["maml", "imaml"]
+    assert "| imaml |" in (tmp_path / "results.md").read_text()
+    assert "imaml" not in SineConfig().algorithms and "mamlpp" in SineConfig().algorithms
 
 
 def test_every_algorithm_starts_from_the_same_weights(sine_run):
@@ -244,7 +254,8 @@ def test_python_dash_m_fastmeta_prints_its_version():
 
 def test_bench_digits_writes_accuracy_for_every_algorithm_and_shot(tmp_path):
     config = DigitsConfig(iterations=2, meta_batch_size=2, eval_tasks=4, eval_steps=1,
-                          hidden=4, query=2, checkpoint_every=1)
+                          hidden=4, query=2, checkpoint_every=1,
+                          algorithms=("maml", "mamlpp", "imaml", "finetune"))
     results = run_digits(config, tmp_path, progress=False, log=_quiet)
     assert (tmp_path / "accuracy_curves.png").read_bytes()[:8] == PNG
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -253,7 +264,10 @@ def test_bench_digits_writes_accuracy_for_every_algorithm_and_shot(tmp_path):
         assert set(entry["evaluation"]) == {"1-shot", "5-shot"}
         for curve in entry["evaluation"].values():
             assert all(0.0 <= s["mean"] <= 1.0 for s in curve["summaries"])
-    assert "| finetune |" in (tmp_path / "results.md").read_text()
+    text = (tmp_path / "results.md").read_text()
+    assert "| finetune |" in text and "| mamlpp |" in text and "| imaml |" in text
+    imaml = load_checkpoint(tmp_path / saved["algorithms"]["imaml"]["checkpoints"]["imaml-1shot"])
+    assert imaml["spec"]["learner"]["lam"] == 2.0 and imaml["spec"]["learner"]["inner_steps"] == 5
     checkpoint = saved["algorithms"]["maml"]["checkpoints"]["maml-1shot"]
     report = evaluate_checkpoint(tmp_path / checkpoint)
     assert report["evaluation"]["1-shot"] == results["algorithms"]["maml"]["evaluation"]["1-shot"]

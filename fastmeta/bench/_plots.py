@@ -30,6 +30,7 @@ DIVERGED_NOTE = "✕: the values became non-finite (fine-tuning diverged) from t
 # One colour per algorithm in every figure (matplotlib's default cycle, in this order).
 _ALGORITHM_COLOURS = (
     "maml", "fomaml", "reptile", "metasgd", "anil", "transfer", "random", "finetune",
+    "mamlpp", "imaml",
 )
 
 

@@ -30,7 +30,8 @@ from ._config import BenchConfig, fields_of
 
 # Modules that define the registered benchmarks, imported on first use.
 MODULES = {"sine": "fastmeta.bench.sine", "digits": "fastmeta.bench.digits",
-           "daml": "fastmeta.bench.daml"}
+           "daml": "fastmeta.bench.daml", "omniglot": "fastmeta.bench.omniglot",
+           "miniimagenet": "fastmeta.bench.miniimagenet"}
 
 
 def adam(lr: float) -> Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]:
@@ -53,6 +54,8 @@ class RunPlan:
             its checkpoint, so ``fastmeta eval`` reproduces the benchmark's numbers.
         optimizer: builds the outer optimiser from the learner's parameters.
         schedule: builds a learning-rate scheduler of that optimiser, or ``None``.
+        seed: the seed of the initial weights; ``None``: the configuration's ``seed``
+            (``--seeds N`` gives each seed's runs their own).
     """
 
     name: str
@@ -64,6 +67,7 @@ class RunPlan:
     evaluation: dict[str, Any]
     optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
     schedule: Callable[[torch.optim.Optimizer], Any] | None = None
+    seed: int | None = None
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,17 @@ from torch import nn
 
 from .. import models
 from .._learner import MetaLearner
-from ..algorithms import ANIL, DAML, FOMAML, MAML, JointTraining, MetaSGD, Reptile
+from ..algorithms import (
+    ANIL,
+    DAML,
+    FOMAML,
+    IMAML,
+    MAML,
+    JointTraining,
+    MAMLPlusPlus,
+    MetaSGD,
+    Reptile,
+)
 from ._checkpoint import CheckpointError, check_learner_payload, load_checkpoint
 from ._daml_loss import SeedLossNetwork
 
@@ -31,6 +41,8 @@ ALGORITHMS: dict[str, type[MetaLearner]] = {
     "fomaml": FOMAML,
     "reptile": Reptile,
     "metasgd": MetaSGD,
+    "mamlpp": MAMLPlusPlus,
+    "imaml": IMAML,
     "anil": ANIL,
     "daml": DAML,
     "transfer": JointTraining,

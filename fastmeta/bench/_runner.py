@@ -57,7 +57,8 @@ def training_summary(record: TrainingRecord) -> dict[str, Any]:
 
 def _training_run(benchmark: Benchmark, config: BenchConfig, plan: RunPlan,
                   checkpoints: Path) -> TrainingRun:
-    learner = build_learner(plan.spec, seed=config.seed).to(fmd.device())
+    seed = config.seed if plan.seed is None else plan.seed
+    learner = build_learner(plan.spec, seed=seed).to(fmd.device())
     optimizer = plan.optimizer(learner.parameters())
     return TrainingRun(
         plan.name, learner, optimizer, plan.iterations, plan.batches(),
@@ -100,13 +101,28 @@ def _check_checkpoints(benchmark: Benchmark, config: BenchConfig, runs: list[Tra
                 f"--resume: {str(path)!r} has no readable configuration ({error}); the file "
                 f"is damaged or from another version: move it away, or use a new --out"
             ) from None
-        details = describe_differences(saved.shared_dict(), config.shared_dict())
+        expected = _expected_config(benchmark, config, payload["spec"]["algorithm"], path.stem)
+        details = describe_differences(saved.shared_dict(), expected.shared_dict())
         if details:
             raise CheckpointError(
                 f"--resume: {str(path)!r}, another algorithm's checkpoint in this --out, was "
                 f"written with different settings ({details}); every run into one --out must "
                 f"share them. Rerun with the original settings, or use a new --out directory"
             )
+
+
+def _expected_config(benchmark: Benchmark, config: BenchConfig, algorithm: str,
+                     name: str) -> BenchConfig:
+    """The configuration this run would give checkpoint ``name`` of ``algorithm`` (with
+    ``--seeds``, that run's own seed); ``config`` when no run of this plan has that name."""
+    try:
+        plans = benchmark.plan(config.replace(algorithms=(algorithm,)))
+    except (TypeError, ValueError):  # an algorithm this benchmark no longer offers
+        return config
+    for plan in plans:
+        if plan.name == name:
+            return benchmark.config.from_dict(plan.evaluation)
+    return config
 
 
 def _previous_results(benchmark: Benchmark, config: BenchConfig, out: Path,

@@ -1,4 +1,5 @@
-"""Task data for meta-learning: torchmeta's protocol, the sine family, few-shot classification.
+"""Task data for meta-learning: torchmeta's protocol, the sine family, few-shot classification,
+and the few-shot vision suite (Omniglot, MiniImagenet, CIFARFS, FC100).
 
 A batch from ``BatchMetaDataLoader`` is what every fastmeta learner's
 ``meta_step`` takes: an ``OrderedDict`` with ``"train"``/``"test"`` (or
@@ -53,8 +54,11 @@ from fastmeta.data._toy import (
     sinusoid,
 )
 from fastmeta.data._transforms import Categorical, Rotation
+from fastmeta.data._vision import CIFARFS, FC100, ImageArrayDataset, MiniImagenet, Omniglot
 
 __all__ = [
+    "CIFARFS",
+    "FC100",
     "SINUSOID_PRESETS",
     "BatchMetaCollate",
     "BatchMetaDataLoader",
@@ -72,11 +76,14 @@ __all__ = [
     "FewShotImageFolder",
     "Harmonic",
     "HarmonicTask",
+    "ImageArrayDataset",
     "ImageFolderDataset",
     "LabelledClassDataset",
     "LinearTask",
     "MetaDataLoader",
     "MetaDataset",
+    "MiniImagenet",
+    "Omniglot",
     "RegressionTask",
     "Rotation",
     "Sinusoid",
