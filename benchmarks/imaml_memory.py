@@ -1,4 +1,5 @@
-"""Peak memory of one meta-step against the number of inner steps: iMAML vs unrolled MAML.
+"""Peak memory of one meta-step against the number of inner steps: iMAML, unrolled MAML,
+and unrolled MAML with checkpointed inner steps.
 
 Usage:
     python benchmarks/imaml_memory.py            # 10 and 100 inner steps
@@ -9,7 +10,8 @@ shape, 5-way 1-shot, 5 query images per class, meta-batch 4, the per-task engine
 small warm-up meta-step, then the high-water mark of the resident set (``VmHWM``, reset
 through ``/proc/self/clear_refs``) during one meta-step, minus the resident set before it.
 iMAML keeps no graph through the inner loop, so its peak should not grow with the steps;
-second-order MAML keeps every step's graph.
+second-order MAML keeps every step's graph; with ``LoopEngine(checkpoint_steps=True)`` it keeps
+one copy of the weights per step and recomputes the rest.
 """
 
 from __future__ import annotations
@@ -46,8 +48,13 @@ def child(algorithm: str, steps: int) -> dict[str, float]:
     torch.manual_seed(0)
     model = fastmeta.models.Conv4(in_channels=1, num_classes=5, hidden=64, image_size=28)
     options = dict(inner_lr=0.01, inner_steps=steps, loss_fn="cross_entropy", engine="higher")
-    learner = (fastmeta.IMAML(model, lam=1.0, cg_steps=5, **options) if algorithm == "imaml"
-               else fastmeta.MAML(model, **options))
+    if algorithm == "imaml":
+        learner: fastmeta.MetaLearner = fastmeta.IMAML(model, lam=1.0, cg_steps=5, **options)
+    elif algorithm == "maml-checkpoint":
+        options["engine"] = fastmeta.engines.LoopEngine(checkpoint_steps=True)
+        learner = fastmeta.MAML(model, **options)
+    else:
+        learner = fastmeta.MAML(model, **options)
     optimizer = torch.optim.SGD(learner.parameters(), lr=0.0)
     learner.meta_step(_batch(1), optimizer)  # lazy initialisation, not counted
     gc.collect()
@@ -67,7 +74,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]))))
         return
-    peaks: dict[str, dict[int, float]] = {"imaml": {}, "maml": {}}
+    peaks: dict[str, dict[int, float]] = {"imaml": {}, "maml": {}, "maml-checkpoint": {}}
     for algorithm in peaks:
         for steps in args.steps:
             done = subprocess.run([sys.executable, __file__, "--child", algorithm, str(steps)],
@@ -78,7 +85,8 @@ def main() -> None:
           + f" | largest / {first} steps |")
     print("|---" * (len(args.steps) + 2) + "|")
     for algorithm, row in peaks.items():
-        name = "iMAML (cg_steps=5)" if algorithm == "imaml" else "MAML, second order"
+        name = {"imaml": "iMAML (cg_steps=5)", "maml": "MAML, second order (higher)",
+                "maml-checkpoint": "MAML, second order, checkpointed steps (loop)"}[algorithm]
         cells = " | ".join(f"{row[s]:.0f} MiB" for s in args.steps)
         print(f"| {name} | {cells} | {row[args.steps[-1]] / row[first]:.2f}x |")
 

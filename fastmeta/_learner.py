@@ -319,7 +319,7 @@ class MetaLearner(nn.Module):
         loss_fn: str | LossFn | None = None,
         inner_optimizer: str | type[torch.optim.Optimizer] = "sgd",
         inner_optimizer_kwargs: Mapping[str, Any] | None = None,
-        engine: str = "auto",
+        engine: str | Engine = "auto",
         compile: bool = False,
         verify_engine: bool = True,
         adapt: Selection | None = None,

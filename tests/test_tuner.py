@@ -140,3 +140,28 @@ def test_chunked_vectorisation_equals_the_whole_batch(chunk):
     for other in grads[1:]:
         for a, b in zip(grads[0], other):
             torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_checkpointed_inner_steps_give_the_same_meta_gradient(optimizer):
+    task = make_task(tasks=3, dtype=torch.float64)
+    grads = []
+    for engine in (LoopEngine(), LoopEngine(checkpoint_steps=True), "higher"):
+        learner = fastmeta.MetaSGD(tiny_mlp(), inner_lr=0.05, inner_steps=4, engine=engine,
+                                   inner_optimizer=optimizer,
+                                   inner_optimizer_kwargs={"momentum": 0.9}
+                                   if optimizer == "sgd" else None)
+        learner.meta_step(task, torch.optim.SGD(learner.parameters(), lr=0.0))
+        grads.append([p.grad for p in learner.parameters()])
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_an_engine_object_is_taken_as_it_is_and_names_are_checked():
+    engine = LoopEngine(checkpoint_steps=True)
+    assert fastmeta.MAML(tiny_mlp(), inner_lr=0.1, engine=engine)._engine is engine
+    with pytest.raises(ValueError, match="unknown engine 'fast'.*LoopEngine"):
+        fastmeta.MAML(tiny_mlp(), inner_lr=0.1, engine="fast")
+    with pytest.raises(ValueError, match="compile=True applies to engine names"):
+        fastmeta.MAML(tiny_mlp(), inner_lr=0.1, engine=engine, compile=True)

@@ -15,6 +15,7 @@ from torch import nn
 
 from .._learner import LossFn, MetaLearner
 from .._selection import Selection
+from ..engines import Engine
 
 
 class ANIL(MetaLearner):
@@ -55,7 +56,7 @@ class ANIL(MetaLearner):
         loss_fn: str | LossFn | None = None,
         inner_optimizer: str | type[torch.optim.Optimizer] = "sgd",
         inner_optimizer_kwargs: Mapping[str, Any] | None = None,
-        engine: str = "auto",
+        engine: str | Engine = "auto",
         compile: bool = False,
         verify_engine: bool = True,
         adapt: Selection | None = None,

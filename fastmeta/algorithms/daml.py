@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .._learner import LossFn, MetaLearner
 from .._objectives import LearnedLoss
 from .._selection import Selection
+from ..engines import Engine
 
 
 class DAML(MetaLearner):
@@ -84,7 +85,7 @@ class DAML(MetaLearner):
         loss_fn: str | LossFn | None = None,
         inner_optimizer: str | type[torch.optim.Optimizer] = "sgd",
         inner_optimizer_kwargs: Mapping[str, Any] | None = None,
-        engine: str = "auto",
+        engine: str | Engine = "auto",
         compile: bool = False,
         verify_engine: bool = True,
         adapt: Selection | None = None,

@@ -19,7 +19,7 @@ from .._objectives import Proximal
 from .._selection import Selection
 from .._task import TaskBatch
 from .._tree import Tree, call, index
-from ..engines import InnerObjective, MetaLosses, Params
+from ..engines import Engine, InnerObjective, MetaLosses, Params
 
 
 def conjugate_gradient(
@@ -91,7 +91,7 @@ class IMAML(MetaLearner):
         loss_fn: str | LossFn | None = None,
         inner_optimizer: str | type[torch.optim.Optimizer] = "sgd",
         inner_optimizer_kwargs: Mapping[str, Any] | None = None,
-        engine: str = "auto",
+        engine: str | Engine = "auto",
         verify_engine: bool = True,
         adapt: Selection | None = None,
     ) -> None:

@@ -17,7 +17,7 @@ from .._learner import LossFn, MetaLearner
 from .._selection import Selection
 from .._task import TaskBatch
 from .._tree import apply, first_leaf, index, tree_map, zip_map
-from ..engines import MetaLosses
+from ..engines import Engine, MetaLosses
 
 
 class JointTraining(MetaLearner):
@@ -56,7 +56,7 @@ class JointTraining(MetaLearner):
         loss_fn: str | LossFn | None = None,
         inner_optimizer: str | type[torch.optim.Optimizer] = "sgd",
         inner_optimizer_kwargs: Mapping[str, Any] | None = None,
-        engine: str = "auto",
+        engine: str | Engine = "auto",
         verify_engine: bool = True,
         adapt: Selection | None = None,
         first_order: bool | None = None,

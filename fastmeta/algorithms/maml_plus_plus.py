@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .._learner import LossFn, MetaLearner, check_steps
 from .._selection import Selection
-from ..engines import InnerRates, MetaGrad, OuterObjective, Params
+from ..engines import Engine, InnerRates, MetaGrad, OuterObjective, Params
 
 
 def multi_step_weights(steps: int, meta_step: int, anneal_iterations: int) -> tuple[float, ...]:
@@ -92,7 +92,7 @@ class MAMLPlusPlus(MetaLearner):
         loss_fn: str | LossFn | None = None,
         inner_optimizer: str | type[torch.optim.Optimizer] = "sgd",
         inner_optimizer_kwargs: Mapping[str, Any] | None = None,
-        engine: str = "auto",
+        engine: str | Engine = "auto",
         compile: bool = False,
         verify_engine: bool = True,
         adapt: Selection | None = None,

@@ -18,7 +18,7 @@ from .._learner import AdaptedTasks, LossFn, MetaLearner, check_steps
 from .._selection import Selection
 from .._task import TaskBatch
 from .._tree import apply, first_leaf, index
-from ..engines import MetaLosses
+from ..engines import Engine, MetaLosses
 
 
 class Reptile(MetaLearner):
@@ -59,7 +59,7 @@ class Reptile(MetaLearner):
         loss_fn: str | LossFn | None = None,
         inner_optimizer: str | type[torch.optim.Optimizer] = "sgd",
         inner_optimizer_kwargs: Mapping[str, Any] | None = None,
-        engine: str = "auto",
+        engine: str | Engine = "auto",
         compile: bool = False,
         verify_engine: bool = True,
         adapt: Selection | None = None,

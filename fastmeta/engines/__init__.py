@@ -47,7 +47,7 @@ ENGINES = ("auto", "vmap", "loop", "higher")
 
 
 def resolve_engine(
-    engine: str,
+    engine: str | Engine,
     model: nn.Module,
     optimizer: InnerOptimizer,
     *,
@@ -64,8 +64,18 @@ def resolve_engine(
         ValueError: unknown name, a model no engine runs exactly, or a configuration the
             named engine cannot run.
     """
+    if isinstance(engine, Engine):  # an engine object with options of its own
+        if compile:
+            raise ValueError("compile=True applies to engine names; pass "
+                             "VmapEngine(compile=True) as the engine object instead")
+        refusal = refused_layer(model)
+        if refusal:
+            raise ValueError(f"fastmeta cannot meta-learn this model: {refusal}")
+        return engine
     if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
+        raise ValueError(
+            f"unknown engine {engine!r}; choose one of {list(ENGINES)} or pass an engine "
+            f"object such as fastmeta.engines.LoopEngine(checkpoint_steps=True)")
     refusal = refused_layer(model)
     if refusal:
         raise ValueError(f"fastmeta cannot meta-learn this model: {refusal}")

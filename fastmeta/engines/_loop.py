@@ -11,11 +11,14 @@ fastest way to run convolutions (measured in ``benchmarks/scale.py``).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.checkpoint import checkpoint
 
 from .._task import TaskBatch
 from .._tree import Tree, call, index
@@ -34,8 +37,26 @@ from ._base import (
 from ._exact import exact_layers
 
 
+def _checkpointed(step: Callable[[Params, Any], tuple[Params, Any, Tensor]], fast: Params,
+                  state: Any) -> tuple[Params, Any, Tensor]:
+    """``step(fast, state)`` whose activations are recomputed in the backward pass."""
+    flat, spec = tree_flatten((fast, state))
+    out_spec: list[Any] = []  # the step's outputs may be shaped otherwise (state filled in)
+
+    def run(*leaves: Any) -> list[Any]:
+        out_fast, out_state, loss = step(*tree_unflatten(list(leaves), spec))
+        out, structure = tree_flatten((out_fast, out_state))
+        out_spec[:] = [structure]
+        return [*out, loss]
+
+    result = checkpoint(run, *flat, use_reentrant=False)
+    new_fast, new_state = tree_unflatten(result[:-1], out_spec[0])
+    return new_fast, new_state, result[-1]
+
+
 def _run_task(module: nn.Module, task: TaskBatch, loop: InnerLoop, t: int, order: MetaGrad,
-              outer: OuterObjective | None) -> tuple[Any, Any, Tensor, Params, Params]:
+              outer: OuterObjective | None, checkpoint_steps: bool = False
+              ) -> tuple[Any, Any, Tensor, Params, Params]:
     """Task ``t``: (meta-objective, query loss, support losses, params, buffers)."""
     named: dict[str, Tensor] = dict(module.named_parameters())
     if order is MetaGrad.NONE:
@@ -55,8 +76,8 @@ def _run_task(module: nn.Module, task: TaskBatch, loop: InnerLoop, t: int, order
     second = order is MetaGrad.SECOND_ORDER
     losses, objective = [], None
     weights = outer.weights(loop.steps) if outer is not None else ()
-    for step in range(loop.steps):
-        x, y = support_batch(task, loop, t, step)
+    def inner_step(step: int, x: Tree, y: Tree | None, fast: Params, state: Any
+                   ) -> tuple[Params, Any, Tensor]:
         context = InnerContext(module, partial(forward, step, fast), fast, initial, x, y, step)
         loss = loop.objective(context)
         grads = torch.autograd.grad(loss, list(fast.values()), create_graph=second,
@@ -64,6 +85,14 @@ def _run_task(module: nn.Module, task: TaskBatch, loop: InnerLoop, t: int, order
         grads_by_name = {n: torch.zeros_like(p) if g is None else (g if second else g.detach())
                          for (n, p), g in zip(fast.items(), grads)}
         fast, state = rule.update(fast, grads_by_name, state, loop.rates(step))
+        return fast, state, loss
+
+    for step in range(loop.steps):
+        x, y = support_batch(task, loop, t, step)
+        if checkpoint_steps and second:
+            fast, state, loss = _checkpointed(partial(inner_step, step, x, y), fast, state)
+        else:
+            fast, state, loss = inner_step(step, x, y, fast, state)
         if order is MetaGrad.NONE:
             fast = {n: p.detach().requires_grad_(True) for n, p in fast.items()}
         losses.append(loss.detach())
@@ -86,9 +115,25 @@ def _run_task(module: nn.Module, task: TaskBatch, loop: InnerLoop, t: int, order
 
 
 class LoopEngine(Engine):
-    """Runs the inner loop of each task in turn with ``functional_call`` and autograd."""
+    """Runs the inner loop of each task in turn with ``functional_call`` and autograd.
+
+    Args:
+        checkpoint_steps: for second-order meta-gradients, keep only each inner step's fast
+            weights and optimiser state and recompute its activations during the backward
+            pass (``torch.utils.checkpoint``): memory grows with the steps by one copy of
+            the weights per step instead of every activation, at the cost of about one more
+            forward and inner backward per step. BatchNorm copies then count each step
+            twice in their running statistics (the outputs do not use them in train mode).
+
+    Example:
+        >>> learner = fastmeta.MAML(model, inner_lr=0.4, inner_steps=50,
+        ...                         engine=fastmeta.engines.LoopEngine(checkpoint_steps=True))
+    """
 
     name = "loop"
+
+    def __init__(self, *, checkpoint_steps: bool = False) -> None:
+        self.checkpoint_steps = checkpoint_steps
 
     @staticmethod
     def _context(module: nn.Module, order: MetaGrad) -> contextlib.AbstractContextManager[Any]:
@@ -105,7 +150,7 @@ class LoopEngine(Engine):
     def meta_loss(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
                   outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
         with self._context(module, order):
-            runs = [_run_task(module, task, loop, t, order, outer)
+            runs = [_run_task(module, task, loop, t, order, outer, self.checkpoint_steps)
                     for t in range(task.num_tasks)]
         return MetaLosses(torch.stack([r[1] for r in runs]).detach(),
                           torch.stack([r[2] for r in runs]), torch.stack([r[0] for r in runs]))
@@ -116,7 +161,8 @@ class LoopEngine(Engine):
         queries, supports = [], []
         with self._context(module, order):
             for t in range(task.num_tasks):
-                objective, query, support, _, _ = _run_task(module, task, loop, t, order, outer)
+                objective, query, support, _, _ = _run_task(module, task, loop, t, order, outer,
+                                                            self.checkpoint_steps)
                 (objective / task.num_tasks).backward()
                 queries.append(query.detach())
                 supports.append(support)
