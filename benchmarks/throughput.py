@@ -92,7 +92,7 @@ SHOTS = 10
 QUERY = 10
 GRAD_TOLERANCE = 1e-4  # relative L2 error of the meta-gradient, float32
 
-# (inner_steps, first_order), in the column order of the table in shared/FACTS.md.
+# (inner_steps, first_order), in the column order of the README's throughput table.
 CASES: tuple[tuple[int, bool], ...] = ((1, False), (1, True), (5, False), (5, True))
 TARGET_CASE = (1, False)
 

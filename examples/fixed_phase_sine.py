@@ -1,6 +1,6 @@
 """MAML on the fixed-amplitude sine task: which of two phases? Learn it from 4 points.
 
-The "Meta Learning in PyTorch" seed post: tasks y = sin(x + b) with b = 0 or π, inputs
+The "Meta Learning in PyTorch" blog post: tasks y = sin(x + b) with b = 0 or π, inputs
 x ~ U[-2π, 2π]; an MLP 1-32-32-1 ReLU; 4 support and 4 query points per task; 5 inner SGD
 steps with α = 0.03 on an L1 loss (also the outer loss); outer SGD 0.01 on one task at a
 time. The post trains 275,000 iterations; a meta-batch of tasks and Adam get there in far

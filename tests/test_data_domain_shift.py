@@ -1,4 +1,5 @@
-"""DomainShiftSinusoid: the seed's DAML tasks, in torchmeta's batch layout."""
+"""DomainShiftSinusoid: the DAML sine tasks of the “Meta Learning in PyTorch” blog post, in
+torchmeta's batch layout."""
 
 from __future__ import annotations
 

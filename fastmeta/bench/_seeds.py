@@ -111,7 +111,7 @@ def with_seeds(benchmark: Benchmark, cell: Callable[[dict[str, Any]], str]) -> B
             mine = [o for o in outcomes if o.run.seed == seed]
             stripped = [dataclasses.replace(o, run=dataclasses.replace(
                 o.run, name=o.run.name.removesuffix(f"-seed{seed}"))) for o in mine]
-            # the checkpoint paths stay those of the seed's own files
+            # the checkpoint paths stay those of that seed's own files
             per_seed[str(seed)] = inner.entry(single(config, seed), algorithm, stripped)
         evaluation = _combine([per_seed[str(s)]["evaluation"] for s in seed_list(config)])
         return {"seeds": per_seed, "across_seeds": evaluation}

@@ -58,7 +58,8 @@ _DEFAULT_SOURCE_RANGES: tuple[Range, Range] = (
 
 
 class DomainShiftSinusoid(NumberedTasks):
-    """The seed's domain-adaptive sine tasks: infer the phase from unlabelled source inputs.
+    """Domain-adaptive sine tasks (the “Meta Learning in PyTorch” blog post's DAML
+    experiment): infer the phase from unlabelled source inputs.
 
     Task ``index`` has phase ``b`` in ``{0, pi}`` (equally likely), fixed by ``(seed,
     index)``. Its target domain is ``y = sin(x + b)`` on ``x`` in ``target_range``
@@ -73,7 +74,7 @@ class DomainShiftSinusoid(NumberedTasks):
     what :class:`fastmeta.DAML` takes.
 
     Args:
-        num_source_per_task: Unlabelled source inputs per task (the seed uses 1).
+        num_source_per_task: Unlabelled source inputs per task (the blog post uses 1).
         num_target_per_task: Labelled target pairs per task (the seed trains with 4).
         num_tasks: Number of distinct tasks.
         source_ranges: ``((low, high) for phase 0, (low, high) for phase pi)``.

@@ -1,4 +1,4 @@
-"""Toy regression task families: ``Sinusoid`` (with the seed documents' presets),
+"""Toy regression task families: ``Sinusoid`` (with the MAML and Reptile papers' presets),
 ``Harmonic``, ``SinusoidAndLine`` and the ``sinusoid`` helper.
 
 Every task's parameters are a pure function of ``(seed, index)`` and its inputs
@@ -299,7 +299,7 @@ def _scale(u: np.ndarray, bounds: Range) -> np.ndarray:
 
 
 class Sinusoid(_ToyRegression):
-    """Sine-wave regression tasks, torchmeta's ``Sinusoid`` with the seed documents' variants.
+    """Sine-wave regression tasks, torchmeta's ``Sinusoid`` with the published variants.
 
     Task ``index`` has amplitude ``A`` and phase ``phi`` fixed by ``(seed,
     index)``; its ``num_samples_per_task`` inputs ``x`` are redrawn every epoch;
