@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -189,6 +189,47 @@ def support_batch(
         return x, y
     rows = loop.batch_indices[position, step]
     return index(x, rows), None if y is None else index(y, rows)
+
+
+class TaskSteps(Protocol):
+    """One task's inner loop, step by step, as a per-task engine runs it."""
+
+    fast: Params
+
+    def step(self, step: int, x: Tree, y: Tree | None) -> Tensor:
+        """One inner update of :attr:`fast`; returns the detached objective before it."""
+
+    def forward(self, step: int, fast: Params, x: Tree) -> Any:
+        """The model's output on ``x`` with ``fast`` (and ``step``'s per-step parameters)."""
+
+    def params(self, step: int) -> Params:
+        """Every parameter the model uses after ``step`` updates."""
+
+
+def run_task_steps(steps: TaskSteps, task: TaskBatch, loop: InnerLoop, position: int,
+                   order: MetaGrad, outer: OuterObjective | None
+                   ) -> tuple[Tensor | None, Tensor | None, Tensor, Params]:
+    """Task ``position`` through ``steps``: (meta-objective, query loss, support losses,
+    params). The meta-objective weights the query loss after each step (``outer``)."""
+    query_x, query_y = index(task.query_x, position), index(task.query_y, position)
+    weights = outer.weights(loop.steps) if outer is not None else ()
+    losses, objective = [], None
+    for step in range(loop.steps):
+        x, y = support_batch(task, loop, position, step)
+        losses.append(steps.step(step, x, y))
+        if outer is not None and weights[step] != 0 and step < loop.steps - 1:
+            term = weights[step] * outer.loss_fn(steps.forward(step + 1, steps.fast, query_x),
+                                                 query_y)
+            objective = term if objective is None else objective + term
+    query = None
+    if outer is not None:
+        query = outer.loss_fn(steps.forward(loop.steps, steps.fast, query_x), query_y)
+        last = query if weights[-1] == 1.0 else weights[-1] * query
+        objective = last if objective is None else objective + last
+    params = steps.params(loop.steps)
+    if order is MetaGrad.NONE:
+        params = {n: p.detach() for n, p in params.items()}
+    return objective, query, torch.stack(losses) if losses else torch.zeros(0), params
 
 
 def detach_all(grads: list[Tensor | None]) -> list[Tensor | None]:

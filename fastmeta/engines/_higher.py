@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .._task import TaskBatch
-from .._tree import Tree, arguments, index
+from .._tree import Tree, arguments
 from ._base import (
     Adaptation,
     Engine,
@@ -28,8 +28,8 @@ from ._base import (
     MetaLosses,
     OuterObjective,
     Params,
+    run_task_steps,
     stack_dicts,
-    support_batch,
 )
 from ._exact import exact_layers
 
@@ -106,26 +106,8 @@ def _run_task(module: nn.Module, task: TaskBatch, loop: InnerLoop, position: int
     fmodel = higher.monkeypatch(module, copy_initial_weights=False,
                                 track_higher_grads=order is not MetaGrad.NONE)
     steps = _Steps(module, fmodel, loop, order)
-    query_x, query_y = index(task.query_x, position), index(task.query_y, position)
-    losses = []
-    weights = outer.weights(loop.steps) if outer is not None else ()
-    objective: Tensor | None = None
-    for step in range(loop.steps):
-        x, y = support_batch(task, loop, position, step)
-        losses.append(steps.step(step, x, y))
-        if outer is not None and weights[step] != 0 and step < loop.steps - 1:
-            step_loss = outer.loss_fn(steps.forward(step + 1, steps.fast, query_x), query_y)
-            objective = weights[step] * step_loss if objective is None else \
-                objective + weights[step] * step_loss
-    query_loss = None
-    if outer is not None:
-        query_loss = outer.loss_fn(steps.forward(loop.steps, steps.fast, query_x), query_y)
-        last = query_loss if weights[-1] == 1.0 else weights[-1] * query_loss
-        objective = last if objective is None else objective + last
-    support_losses = torch.stack(losses) if losses else torch.zeros(0)
-    params = steps.params(loop.steps)
-    if order is MetaGrad.NONE:
-        params = {n: p.detach() for n, p in params.items()}
+    objective, query_loss, support_losses, params = run_task_steps(steps, task, loop, position,
+                                                                   order, outer)
     buffers = {n: b.detach() for n, b in fmodel.named_buffers()}
     return objective, query_loss, support_losses, params, buffers
 

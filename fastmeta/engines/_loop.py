@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from .._task import TaskBatch
-from .._tree import Tree, call, index
+from .._tree import Tree, call
 from ._base import (
     Adaptation,
     Engine,
@@ -31,8 +31,8 @@ from ._base import (
     MetaLosses,
     OuterObjective,
     Params,
+    run_task_steps,
     stack_dicts,
-    support_batch,
 )
 from ._exact import exact_layers
 
@@ -54,64 +54,65 @@ def _checkpointed(step: Callable[[Params, Any], tuple[Params, Any, Tensor]], fas
     return new_fast, new_state, result[-1]
 
 
-def _run_task(module: nn.Module, task: TaskBatch, loop: InnerLoop, t: int, order: MetaGrad,
-              outer: OuterObjective | None, checkpoint_steps: bool = False
-              ) -> tuple[Any, Any, Tensor, Params, Params]:
-    """Task ``t``: (meta-objective, query loss, support losses, params, buffers)."""
-    named: dict[str, Tensor] = dict(module.named_parameters())
-    if order is MetaGrad.NONE:
-        named = {n: p.detach() for n, p in named.items()}
-    buffers = {n: b.clone() for n, b in module.named_buffers()}  # this task's own copy
-    fixed = {n: p for n, p in named.items() if n not in loop.adapted}
-    rule = loop.optimizer.rule()
+class _LoopSteps:
+    """One task's inner loop on ``functional_call`` with this task's own buffers."""
 
-    def forward(step: int, fast: Params, x: Tree) -> Any:
-        extra = loop.step_params(step) if loop.step_params is not None else {}
-        return call(module, ({**fixed, **extra, **fast}, buffers), x)
+    def __init__(self, module: nn.Module, loop: InnerLoop, order: MetaGrad,
+                 checkpoint_steps: bool) -> None:
+        named: dict[str, Tensor] = dict(module.named_parameters())
+        if order is MetaGrad.NONE:
+            named = {n: p.detach() for n, p in named.items()}
+        self.module, self.loop, self.order = module, loop, order
+        self.checkpoint_steps = checkpoint_steps and order is MetaGrad.SECOND_ORDER
+        self.buffers = {n: b.clone() for n, b in module.named_buffers()}  # this task's copy
+        self.fixed = {n: p for n, p in named.items() if n not in loop.adapted}
+        self.rule = loop.optimizer.rule()
+        initial = {n: named[n] for n in loop.adapted}
+        if order is MetaGrad.NONE:
+            initial = {n: p.requires_grad_(True) for n, p in initial.items()}
+        self.initial: Params = initial
+        self.fast: Params = dict(initial)
+        self.state = self.rule.init(initial)
 
-    initial = {n: named[n] for n in loop.adapted}
-    if order is MetaGrad.NONE:
-        initial = {n: p.requires_grad_(True) for n, p in initial.items()}
-    fast, state = dict(initial), rule.init(initial)
-    second = order is MetaGrad.SECOND_ORDER
-    losses, objective = [], None
-    weights = outer.weights(loop.steps) if outer is not None else ()
-    def inner_step(step: int, x: Tree, y: Tree | None, fast: Params, state: Any
-                   ) -> tuple[Params, Any, Tensor]:
-        context = InnerContext(module, partial(forward, step, fast), fast, initial, x, y, step)
-        loss = loop.objective(context)
+    def params(self, step: int) -> Params:
+        extra = self.loop.step_params(step) if self.loop.step_params is not None else {}
+        return {**self.fixed, **extra, **self.fast}
+
+    def forward(self, step: int, fast: Params, x: Tree) -> Any:
+        extra = self.loop.step_params(step) if self.loop.step_params is not None else {}
+        return call(self.module, ({**self.fixed, **extra, **fast}, self.buffers), x)
+
+    def _update(self, step: int, x: Tree, y: Tree | None, fast: Params, state: Any
+                ) -> tuple[Params, Any, Tensor]:
+        context = InnerContext(self.module, partial(self.forward, step, fast), fast,
+                               self.initial, x, y, step)
+        loss = self.loop.objective(context)
+        second = self.order is MetaGrad.SECOND_ORDER
         grads = torch.autograd.grad(loss, list(fast.values()), create_graph=second,
                                     allow_unused=True)
         grads_by_name = {n: torch.zeros_like(p) if g is None else (g if second else g.detach())
                          for (n, p), g in zip(fast.items(), grads)}
-        fast, state = rule.update(fast, grads_by_name, state, loop.rates(step))
+        fast, state = self.rule.update(fast, grads_by_name, state, self.loop.rates(step))
         return fast, state, loss
 
-    for step in range(loop.steps):
-        x, y = support_batch(task, loop, t, step)
-        if checkpoint_steps and second:
-            fast, state, loss = _checkpointed(partial(inner_step, step, x, y), fast, state)
+    def step(self, step: int, x: Tree, y: Tree | None) -> Tensor:
+        update = partial(self._update, step, x, y)
+        if self.checkpoint_steps:
+            self.fast, self.state, loss = _checkpointed(update, self.fast, self.state)
         else:
-            fast, state, loss = inner_step(step, x, y, fast, state)
-        if order is MetaGrad.NONE:
-            fast = {n: p.detach().requires_grad_(True) for n, p in fast.items()}
-        losses.append(loss.detach())
-        if outer is not None and weights[step] != 0 and step < loop.steps - 1:
-            term = weights[step] * outer.loss_fn(forward(step + 1, fast, index(task.query_x, t)),
-                                                 index(task.query_y, t))
-            objective = term if objective is None else objective + term
-    query = None
-    if outer is not None:
-        query = outer.loss_fn(forward(loop.steps, fast, index(task.query_x, t)),
-                              index(task.query_y, t))
-        last = query if weights[-1] == 1.0 else weights[-1] * query
-        objective = last if objective is None else objective + last
-    extra = loop.step_params(loop.steps) if loop.step_params is not None else {}
-    params = {**fixed, **extra, **fast}
-    if order is MetaGrad.NONE:
-        params = {n: p.detach() for n, p in params.items()}
-    support = torch.stack(losses) if losses else torch.zeros(0)
-    return objective, query, support, params, {n: b.detach() for n, b in buffers.items()}
+            self.fast, self.state, loss = update(self.fast, self.state)
+        if self.order is MetaGrad.NONE:
+            self.fast = {n: p.detach().requires_grad_(True) for n, p in self.fast.items()}
+        return loss.detach()
+
+
+def _run_task(module: nn.Module, task: TaskBatch, loop: InnerLoop, t: int, order: MetaGrad,
+              outer: OuterObjective | None, checkpoint_steps: bool = False
+              ) -> tuple[Any, Any, Tensor, Params, Params]:
+    """Task ``t``: (meta-objective, query loss, support losses, params, buffers)."""
+    steps = _LoopSteps(module, loop, order, checkpoint_steps)
+    objective, query, support, params = run_task_steps(steps, task, loop, t, order, outer)
+    return objective, query, support, params, {n: b.detach() for n, b in steps.buffers.items()}
 
 
 class LoopEngine(Engine):
