@@ -46,6 +46,7 @@ from .engines import (
     resolve_engine,
     without_randomness,
 )
+from .engines._structure import structure
 
 LossFn = Callable[[Any, Any], Tensor]
 
@@ -355,6 +356,8 @@ class MetaLearner(nn.Module):
         )
         self.meta_steps_taken = 0
         self._warned_optimizer = False
+        # The optimiser whose parameter groups were last checked (identity and layout).
+        self._checked_optimizer: tuple[int, tuple[tuple[int, int], ...]] | None = None
         self.meta_gradient_sync: MetaGradientSync | None = None
 
     # ------------------------------------------------------------------ hooks for algorithms
@@ -440,7 +443,8 @@ class MetaLearner(nn.Module):
         ``adapt=``, or else every trainable one."""
         if self._selected is not None:
             return self._selected
-        return tuple(name for name, p in self.module.named_parameters() if p.requires_grad)
+        return tuple(name for name, p in structure(self.module).named_parameters()
+                     if p.requires_grad)
 
     def inner_objective(self) -> InnerObjective:
         """The loss each inner step descends: ``loss_fn(model(x), y)`` on the support set."""
@@ -504,7 +508,7 @@ class MetaLearner(nn.Module):
         return self._reference().device
 
     def _reference(self) -> Tensor:
-        return next(p for p in self.module.parameters())
+        return structure(self.module).named_parameters()[0][1]
 
     def prepare(self, batch: TaskBatch | Mapping[str, Any]) -> TaskBatch:
         """Validate ``batch`` and move it to the model's device and dtype, as every call does.
@@ -680,7 +684,8 @@ class MetaLearner(nn.Module):
             self._check_optimizer(optimizer)
             task = self.prepare(batch)
             optimizer.zero_grad(set_to_none=True)
-            self.zero_grad(set_to_none=True)
+            for _, p in structure(self).named_parameters():  # as zero_grad(set_to_none=True)
+                p.grad = None
             return self.meta_gradient(task)
 
         output = local() if sync is None else sync(self, local)
@@ -804,6 +809,13 @@ class MetaLearner(nn.Module):
                 f"optimizer must be a torch.optim.Optimizer over learner.parameters(), got "
                 f"{type(optimizer).__name__}; e.g. torch.optim.Adam(learner.parameters(), lr=1e-3)"
             )
+        # Checked again only when the optimiser or its parameter groups change
+        # (add_param_group, a new list): a set of every parameter per meta-step is a
+        # fixed cost that small models feel.
+        layout = (id(optimizer), tuple((id(g["params"]), len(g["params"]))
+                                       for g in optimizer.param_groups))
+        if layout == self._checked_optimizer:
+            return
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in held]
         if len(missing) == sum(1 for p in self.parameters() if p.requires_grad):
@@ -811,6 +823,7 @@ class MetaLearner(nn.Module):
                 "optimizer holds none of the learner's meta-parameters; build it with "
                 "torch.optim.Adam(learner.parameters(), lr=...)"
             )
+        self._checked_optimizer = layout
         if missing and not self._warned_optimizer:
             self._warned_optimizer = True
             warnings.warn(
@@ -825,15 +838,15 @@ class MetaLearner(nn.Module):
     def _check_finite(self, output: MetaLosses) -> None:
         """Raise :class:`DivergenceError` (clearing ``.grad``) if anything is not finite."""
         meta_step = self.meta_steps_taken + 1
-        bad_grads = [
-            name
-            for name, p in self.named_parameters()
-            if p.grad is not None and not torch.isfinite(p.grad).all()
-        ]
+        named = [(n, p.grad) for n, p in structure(self).named_parameters()
+                 if p.grad is not None]
+        if _all_finite([g for _, g in named], output):
+            return  # one fused check and one device sync in the common case
+        bad_grads = [name for name, g in named if not torch.isfinite(g).all()]
         finite_support = torch.isfinite(output.support_losses)
         finite_query = torch.isfinite(output.query_losses)
         if finite_support.all() and finite_query.all() and not bad_grads:
-            return
+            return  # all finite: the fused sum overflowed
         self.zero_grad(set_to_none=True)
         advice = (
             f"(inner_lr={self.inner_lr}, inner_steps={self.inner_steps}). The inner loop "
@@ -867,3 +880,21 @@ class MetaLearner(nn.Module):
             task=None,
             inner_step=None,
         )
+
+
+def _all_finite(grads: list[Tensor], output: MetaLosses) -> bool:
+    """Whether every gradient and loss is (very likely) finite, with one device sync.
+
+    The largest magnitude of a tensor is finite exactly when all its entries are (NaN and
+    infinities propagate), and ``torch._foreach_norm`` with ``ord=inf`` gives it for all
+    gradients in one call; one sum of those and of the losses is finite when they all are.
+    ``False`` may also mean that the sum overflowed: the caller then checks one by one.
+    """
+    device = output.query_losses.device
+    total = output.support_losses.sum() + output.query_losses.sum()
+    by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for g in grads:
+        by_kind.setdefault((g.dtype, g.device), []).append(g)
+    for group in by_kind.values():
+        total = total + torch.stack(torch._foreach_norm(group, math.inf)).sum().to(device)
+    return math.isfinite(float(total))

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ._structure import structure
+
 
 def _channel_shape(input: Tensor) -> list[int]:
     return [1, -1] + [1] * (input.dim() - 2)
@@ -206,7 +208,7 @@ _HOLDS_LAYER_NORM = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.
 def _routes(module: nn.Module, *, vectorised: bool, second_order: bool
             ) -> dict[Callable[..., Any], Callable[..., Tensor]]:
     routes: dict[Callable[..., Any], Callable[..., Tensor]] = {}
-    for sub in module.modules():
+    for sub in structure(module).modules:
         if vectorised:
             for kind, functions in _VMAP_ROUTES.items():
                 if isinstance(sub, kind):
@@ -242,7 +244,7 @@ def exact_layers(module: nn.Module, *, vectorised: bool, second_order: bool) -> 
     routes = _routes(module, vectorised=vectorised, second_order=second_order)
     switched = []
     if vectorised:  # in-place statistics updates (and their counter) cannot run under vmap
-        switched = [m for m in module.modules()
+        switched = [m for m in structure(module).modules
                     if isinstance(m, nn.modules.batchnorm._BatchNorm)
                     and m.training and m.track_running_stats]
     for m in switched:

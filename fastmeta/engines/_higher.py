@@ -32,6 +32,7 @@ from ._base import (
     stack_dicts,
 )
 from ._exact import exact_layers
+from ._structure import structure
 
 
 class _Steps:
@@ -39,8 +40,8 @@ class _Steps:
 
     def __init__(self, module: nn.Module, fmodel: Any, loop: InnerLoop, order: MetaGrad
                  ) -> None:
-        self.names = [name for name, _ in module.named_parameters()]
-        named: dict[str, Tensor] = dict(module.named_parameters())
+        named: dict[str, Tensor] = dict(structure(module).named_parameters())
+        self.names = list(named)
         self.loop, self.order, self.fmodel = loop, order, fmodel
         initial: Params = {n: named[n] for n in loop.adapted}
         if order is MetaGrad.NONE:

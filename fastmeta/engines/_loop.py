@@ -35,6 +35,7 @@ from ._base import (
     stack_dicts,
 )
 from ._exact import exact_layers
+from ._structure import structure
 
 
 def _checkpointed(step: Callable[[Params, Any], tuple[Params, Any, Tensor]], fast: Params,
@@ -59,12 +60,13 @@ class _LoopSteps:
 
     def __init__(self, module: nn.Module, loop: InnerLoop, order: MetaGrad,
                  checkpoint_steps: bool) -> None:
-        named: dict[str, Tensor] = dict(module.named_parameters())
+        named: dict[str, Tensor] = dict(structure(module).named_parameters())
         if order is MetaGrad.NONE:
             named = {n: p.detach() for n, p in named.items()}
         self.module, self.loop, self.order = module, loop, order
         self.checkpoint_steps = checkpoint_steps and order is MetaGrad.SECOND_ORDER
-        self.buffers = {n: b.clone() for n, b in module.named_buffers()}  # this task's copy
+        # this task's copy
+        self.buffers = {n: b.clone() for n, b in structure(module).named_buffers().items()}
         self.fixed = {n: p for n, p in named.items() if n not in loop.adapted}
         self.rule = loop.optimizer.rule()
         initial = {n: named[n] for n in loop.adapted}

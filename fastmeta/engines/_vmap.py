@@ -48,6 +48,7 @@ from ._base import (
     Params,
 )
 from ._exact import exact_layers
+from ._structure import structure
 
 
 def one_task(
@@ -74,7 +75,8 @@ def one_task(
         return {**fixed, **extra, **adapted}
 
     def forward(step: int, adapted: Params, x: Tree) -> Any:
-        return call(module, (params_at(step, adapted), buffers), x)
+        params = params_at(step, adapted)
+        return call(module, (params, buffers) if buffers else params, x)
 
     initial = {n: trainable[n] for n in names}
     adapted, state = dict(initial), rule.init(initial)
@@ -107,7 +109,10 @@ def one_task(
         last = query_loss if weights[-1] == 1.0 else weights[-1] * query_loss
         objective = last if objective is zero else objective + last
     support_losses = torch.stack(losses) if losses else zero.new_zeros(0)
-    return objective, query_loss, support_losses, params_at(loop.steps, adapted)
+    # The adapted weights are an output only for adapt(): under vmap every output is
+    # materialised for all tasks, and meta_loss() has no use for them.
+    params = params_at(loop.steps, adapted) if outer is None else {}
+    return objective, query_loss, support_losses, params
 
 
 def _meta_batch(
@@ -131,10 +136,11 @@ def _meta_batch(
 
 
 def split_parameters(module: nn.Module) -> tuple[Params, Params, Params]:
-    named: list[tuple[str, Tensor]] = list(module.named_parameters())
+    walk = structure(module)
+    named = walk.named_parameters()
     trainable = {n: p for n, p in named if p.requires_grad}
     frozen = {n: p for n, p in named if not p.requires_grad}
-    return trainable, frozen, dict(module.named_buffers())
+    return trainable, frozen, walk.named_buffers()
 
 
 class VmapEngine(Engine):
