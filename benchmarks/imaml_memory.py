@@ -33,7 +33,6 @@ import torch
 
 import fastmeta
 
-
 # Freed tensors go back to the OS at once, so the high-water mark counts live memory.
 CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 

@@ -60,3 +60,37 @@ def test_parse_args_rejects_bad_values() -> None:
         throughput.parse_args(["--repeats", "0"])
     quick = throughput.parse_args(["--quick"])
     assert (quick.repeats, quick.warmup) == (7, 1)
+
+
+def _load(name: str) -> ModuleType:
+    path = SCRIPT.with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"fastmeta_benchmark_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("config", ["sine", "transformer"])
+@pytest.mark.parametrize("second_order", [True, False])
+def test_scale_rows_compute_the_same_meta_gradient(config: str, second_order: bool) -> None:
+    """benchmarks/scale.py: the references written there and fastmeta's engines agree."""
+    import torch
+
+    scale = _load("scale")
+    task = scale.CONFIGS[config].batch(2)
+    grads = {}
+    for impl in scale.IMPLS:
+        step = scale.build(impl, scale.CONFIGS[config], "cpu", second_order)
+        step(task)
+        grads[impl] = torch.cat([g.flatten() for g in step.grads()])
+    reference = grads["reference"]
+    for impl, found in grads.items():
+        error = float((found - reference).abs().max() / reference.abs().max())
+        assert error < 1e-4, (impl, error)
+    if second_order:  # the first-order rows really drop the second-order terms
+        first = scale.build("reference", scale.CONFIGS[config], "cpu", False)
+        first(task)
+        dropped = torch.cat([g.flatten() for g in first.grads()])
+        assert float((dropped - reference).abs().max()) > 1e-6
