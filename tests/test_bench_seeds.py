@@ -92,3 +92,21 @@ def test_seeds_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["bench", "sine", "--seeds", "0"])
     assert "seeds" in capsys.readouterr().err
+
+
+def test_sine_states_each_paper_cell_across_seeds():
+    from fastmeta.bench.sine import against_paper
+
+    def cell(means):
+        return {"mean": sum(means) / len(means), "per_seed": means, "seeds": len(means)}
+
+    summaries = [cell([3.0, 3.0])] + [cell([0.6, 0.7])] + [cell([1.0, 1.0])] * 4 + \
+        [cell([0.3, 0.5])] * 5
+    results = {"algorithms": {"maml": {"across_seeds": {"curves": {"5": {
+        "steps": list(range(11)), "summaries": summaries}}}}}}
+    lines = against_paper(results)
+    assert "- maml, 1 step: 1 of 2 seeds at or below the paper's 0.67" in lines[2]
+    assert "0.650, is at or below it" in lines[2]
+    assert "maml, 5 steps: 0 of 2 seeds" in lines[3] and "is above it" in lines[3]
+    assert "maml, 10 steps: 1 of 2 seeds" in lines[4] and "0.400, is above it" in lines[4]
+    assert against_paper({"algorithms": {}}) == []

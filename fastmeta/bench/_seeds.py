@@ -85,12 +85,15 @@ def _per_seed_results(results: dict[str, Any], seed: int) -> dict[str, Any]:
     return {**results, **extra, "config": config, "algorithms": algorithms}
 
 
-def with_seeds(benchmark: Benchmark, cell: Callable[[dict[str, Any]], str]) -> Benchmark:
+def with_seeds(benchmark: Benchmark, cell: Callable[[dict[str, Any]], str],
+               versus: Callable[[dict[str, Any]], list[str]] | None = None) -> Benchmark:
     """``benchmark`` with ``--seeds N`` (see the module docstring).
 
     Args:
         benchmark: a benchmark whose configuration has ``seed`` and ``seeds`` fields.
         cell: formats one across-seeds cell of ``results.md``.
+        versus: markdown lines placed under the across-seeds table (published values
+            against the seeds), from the whole results.
     """
     inner = benchmark
 
@@ -155,6 +158,8 @@ def with_seeds(benchmark: Benchmark, cell: Callable[[dict[str, Any]], str]) -> B
                                      for m in summary["per_seed"])
                 lines.append(f"| {name} | {label} | {cell(summary)} | {summary['median']:.3f} "
                              f"| {summary['diverged']}/{summary['tasks']} | {per_seed} |")
+        if versus is not None:
+            lines += ["", *versus(results)]
         for seed in seeds:
             text = inner.markdown(_per_seed_results(results, seed))
             demoted = ["#" + line if line.startswith("#") else line for line in text.splitlines()

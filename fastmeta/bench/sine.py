@@ -462,6 +462,33 @@ def _eval_figures(learner: MetaLearner, algorithm: str, evaluation: dict[str, An
     return [curves, *fits]
 
 
+_PAPER_ROWS = {"maml": "MAML (paper)", "transfer": "pretrained, joint training (paper)"}
+
+
+def against_paper(results: dict[str, Any]) -> list[str]:
+    """Per K = 5 cell of the MAML paper: the seeds at or below it, and the mean across seeds."""
+    lines = ["### Against the MAML paper (K = 5)", ""]
+    for algorithm, row in _PAPER_ROWS.items():
+        entry = results["algorithms"].get(algorithm)
+        if entry is None or "5" not in entry["across_seeds"].get("curves", {}):
+            continue
+        curve = entry["across_seeds"]["curves"]["5"]
+        for step, published in PAPER_K5[row].items():
+            if step >= len(curve["summaries"]):
+                continue
+            found = curve["summaries"][step]
+            means = found["per_seed"]
+            below = sum(1 for m in means if m <= published)
+            mean = found["mean"]
+            verdict = ("at or below" if mean is not None and mean <= published else "above")
+            lines.append(
+                f"- {algorithm}, {step} step{'s' if step > 1 else ''}: {below} of "
+                f"{found['seeds']} seeds at or below the paper's {published} (seed means "
+                f"{', '.join(_number(m) for m in means)}); the mean across seeds, "
+                f"{_number(mean) if mean is not None else 'not finite'}, is {verdict} it")
+    return lines if len(lines) > 2 else []
+
+
 BENCHMARK = with_seeds(Benchmark(
     name="sine",
     help="sine-wave regression: the MAML paper's protocol",
@@ -478,4 +505,4 @@ BENCHMARK = with_seeds(Benchmark(
     eval_options={"shots": "eval_shots", "steps": "eval_steps", "tasks": "eval_tasks"},
     eval_text=_eval_text,
     eval_figures=_eval_figures,
-), format_cell)
+), format_cell, against_paper)
