@@ -197,11 +197,13 @@ def _bench(args: argparse.Namespace) -> int:
     main_process = fmd.is_main_process()
     log: Callable[[str], None] = print if main_process and not args.quiet else (lambda _: None)
     flag = StopFlag()
+    finished = False
     try:
         with stop_on_signals(flag):
             results = run_benchmark(bench, config, args.out, resume=args.resume,
                                     progress=not args.quiet, plots=not args.no_plots,
                                     stop=flag, log=log)
+        finished = True
     except Interrupted as error:
         if main_process:
             print(f"fastmeta: {error}", file=sys.stderr)
@@ -213,6 +215,11 @@ def _bench(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     finally:
         if fmd.is_distributed():
+            # Every rank leaves together: a rank that tears gloo down while another still
+            # writes the results can abort at exit ("terminate called without an active
+            # exception"). After an error the ranks may not all get here, so no barrier.
+            if finished:
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
     if main_process:
         written = ["results.json", "results.md", *results.get("figures", [])]
