@@ -14,12 +14,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 
 def load_throughput() -> ModuleType:
     """Import the benchmark script as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("fastmeta_benchmark_throughput", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
+    return _load("throughput")
 
 
 def test_throughput_smallest_run(capsys: pytest.CaptureFixture[str]) -> None:
@@ -63,11 +58,12 @@ def test_parse_args_rejects_bad_values() -> None:
 
 
 def _load(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` as a module."""
     path = SCRIPT.with_name(f"{name}.py")
     spec = importlib.util.spec_from_file_location(f"fastmeta_benchmark_{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module
 
