@@ -357,7 +357,7 @@ class MetaLearner(nn.Module):
         self.meta_steps_taken = 0
         self._warned_optimizer = False
         # The optimiser whose parameter groups were last checked (identity and layout).
-        self._checked_optimizer: tuple[int, tuple[tuple[int, int], ...]] | None = None
+        self._checked_optimizer: tuple[int, int, tuple[tuple[int, int], ...]] | None = None
         self.meta_gradient_sync: MetaGradientSync | None = None
 
     # ------------------------------------------------------------------ hooks for algorithms
@@ -809,11 +809,11 @@ class MetaLearner(nn.Module):
                 f"optimizer must be a torch.optim.Optimizer over learner.parameters(), got "
                 f"{type(optimizer).__name__}; e.g. torch.optim.Adam(learner.parameters(), lr=1e-3)"
             )
-        # Checked again only when the optimiser or its parameter groups change
-        # (add_param_group, a new list): a set of every parameter per meta-step is a
-        # fixed cost that small models feel.
-        layout = (id(optimizer), tuple((id(g["params"]), len(g["params"]))
-                                       for g in optimizer.param_groups))
+        # Checked again only when the optimiser, its parameter groups (add_param_group, a
+        # new list) or the learner's parameters (a registration) change: a set of every
+        # parameter per meta-step is a fixed cost that small models feel.
+        layout = (id(optimizer), structure(self).version,
+                  tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups))
         if layout == self._checked_optimizer:
             return
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}

@@ -116,3 +116,13 @@ def test_a_non_finite_gradient_is_still_found_and_named():
     with pytest.raises(fastmeta.DivergenceError, match=r"meta-gradient of \['module.w'\]"):
         learner.meta_step(make_task(tasks=2),
                           torch.optim.SGD(learner.parameters(), lr=0.1))
+
+
+def test_optimizer_check_runs_again_when_the_learners_parameters_change():
+    model = nn.Sequential(nn.Linear(1, 3), nn.Linear(3, 1))
+    learner = fastmeta.MAML(model, inner_lr=0.1, engine="vmap")
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.1)
+    learner.meta_step(make_task(tasks=2), optimizer)  # complete: checked, no warning
+    model[1].bias = nn.Parameter(torch.zeros(1))  # a new parameter the optimiser lacks
+    with pytest.warns(UserWarning, match=r"does not hold the meta-parameters \['module.1.bias'"):
+        learner.meta_step(make_task(tasks=2), optimizer)
