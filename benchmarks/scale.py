@@ -11,7 +11,9 @@ Configurations (second-order MAML unless said; float32; one thread on CPU):
   meta-batch 32, 1 inner step, α = 0.4 (the MAML paper's Omniglot protocol);
 - ``miniimagenet``: Conv-4 with 32 channels, 3×84×84, 5-way 1-shot, 15 query per class,
   meta-batch 4, 5 inner steps, α = 0.01 (its miniImageNet protocol);
-- ``resnet12``: ResNet-12 at the miniImageNet shape, 5-way 1-shot, meta-batch 4, 1 step;
+- ``resnet12``: ResNet-12 (64-160-320-640) at the miniImageNet shape, 5-way 1-shot, 15 query
+  per class, meta-batch 2, 1 step, α = 0.01 (``--quick``: one task at the CIFAR-FS shape,
+  3×32×32, 5 query per class);
 - ``transformer``: an embedding, a Transformer encoder layer (d = 32) and a linear head on
   16 tokens, 5-way 5-shot, meta-batch 4, 1 step;
 - ``sine``: the MAML paper's 1-40-40-1 MLP, K = 10, meta-batch 25, 1 step.
@@ -22,8 +24,11 @@ task; every ratio is relative to it), a hand-written ``torch.func`` loop (``grad
 ``vmap`` over the tasks, one backward, torch's batching rules trusted as they are) and a
 plain higher loop (``innerloop_ctx`` per task); then fastmeta's ``auto`` (after its check
 and its tuning steps), ``vmap``, ``loop`` and ``higher`` engines. ``--first-order`` runs
-first-order MAML in every row. Each round times every row once, in rotating order, on the
-same batch; the table shows the median time and the median over rounds of the ratio to the
+first-order MAML in every row. Each row is one whole meta-iteration: zeroing the gradients,
+the meta-gradient and an outer SGD step (learning rate 0, so every round sees the same
+model). Each round times every row once, in rotating order, on the same batch (a
+configuration whose step is short gets more rounds, up to about a second of each row); the
+table shows the median time and the median over rounds of the ratio to the
 plain loop (> 1: faster). Before timing, every row's meta-gradient is compared with the
 plain loop's, relative to its largest entry (float32: a row is flagged above 1e-2; the test
 suite checks exactness in float64). Peak memory: the resident-set high-water mark of one
@@ -58,6 +63,7 @@ TARGET_SPEED, TARGET_MEMORY = 0.95, 1.5
 # float32 meta-gradients through several steps differ by rounding; exactness is tested in
 # float64 by the test suite, and this only flags a row that computes something else.
 DIFFERS = 1e-2
+MAX_ROUNDS = 200
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,12 @@ class Config:
     inner_lr: float
     steps: int
     loss: str
+    # --quick: a smaller shape where the full one costs seconds per meta-step on a CPU
+    quick_batch: Callable[[int], fastmeta.TaskBatch] | None = None
+    quick_shape: str = ""
+
+    def batch_for(self, tasks: int, quick: bool) -> fastmeta.TaskBatch:
+        return (self.quick_batch if quick and self.quick_batch else self.batch)(tasks)
 
 
 def _images(channels: int, size: int, ways: int, shots: int, query: int
@@ -117,7 +129,9 @@ CONFIGS = {
                                                          hidden=32, image_size=84),
                            _images(3, 84, 5, 1, 15), 4, 1, 0.01, 5, "cross_entropy"),
     "resnet12": Config(lambda: fastmeta.models.ResNet12(in_channels=3, num_classes=5),
-                       _images(3, 84, 5, 1, 15), 4, 1, 0.01, 1, "cross_entropy"),
+                       _images(3, 84, 5, 1, 15), 2, 1, 0.01, 1, "cross_entropy",
+                       quick_batch=_images(3, 32, 5, 1, 5),
+                       quick_shape="CIFAR-FS shape 3×32×32, 5 query/class"),
     "transformer": Config(TinyTransformer, _tokens, 4, 2, 0.1, 1, "cross_entropy"),
     "sine": Config(fastmeta.models.SineMLP, _sine, 25, 25, 0.01, 1, "mse"),
 }
@@ -212,10 +226,13 @@ def build(impl: str, config: Config, device: str, second_order: bool = True
         if impl == "hand-vmap":
             torch.func.replace_all_batch_norm_modules_(model)
         written = WRITTEN_HERE[impl]
+        outer = torch.optim.SGD(model.parameters(), lr=0.0)
 
         def step(task: fastmeta.TaskBatch) -> None:
-            model.zero_grad(set_to_none=True)
+            # a whole meta-iteration, as fastmeta's rows run it: zero, meta-gradient, update
+            outer.zero_grad(set_to_none=True)
             written(model, task, config, second_order)
+            outer.step()
 
         step.grads = lambda: [p.grad for p in model.parameters()]  # type: ignore[attr-defined]
         return step
@@ -236,10 +253,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_config(name: str, tasks: int, rounds: int, device: str, second_order: bool = True
-                ) -> dict[str, Any]:
+def time_config(name: str, tasks: int, rounds: int, device: str, second_order: bool = True,
+                quick: bool = False) -> dict[str, Any]:
     config = CONFIGS[name]
-    task = fastmeta.TaskBatch(*(t.to(device) for t in config.batch(tasks)))
+    task = fastmeta.TaskBatch(*(t.to(device) for t in config.batch_for(tasks, quick)))
     steps = {impl: build(impl, config, device, second_order) for impl in IMPLS}
     for impl, step in steps.items():  # warm-up; auto: its check and its tuning steps
         warm = 8 if impl == "auto" else 1
@@ -254,6 +271,12 @@ def time_config(name: str, tasks: int, rounds: int, device: str, second_order: b
         scale = max(float(r.abs().max()) for r in reference)
         errors[impl] = max(float((g - r).abs().max()) for g, r in zip(grads, reference)
                            if g is not None) / max(scale, 1e-12)
+    # short steps get more rounds (up to ~1 s of each row), so their medians are not noise
+    _sync(device)
+    start = time.perf_counter()
+    steps["reference"](task)
+    _sync(device)
+    rounds = max(rounds, min(MAX_ROUNDS, int(1.0 / (time.perf_counter() - start))))
     samples: dict[str, list[float]] = {impl: [] for impl in IMPLS}
     for r in range(rounds):
         order = list(IMPLS[r % len(IMPLS):] + IMPLS[:r % len(IMPLS)])
@@ -270,6 +293,7 @@ def time_config(name: str, tasks: int, rounds: int, device: str, second_order: b
         "vs_reference": {i: statistics.median(a / b for a, b in zip(samples["reference"], s))
                          for i, s in samples.items()},
         "grad_error": errors,
+        "rounds": rounds,
         "auto_engine": auto.engine,
         "auto_timings": auto.engine_decision.timings,
     }
@@ -288,11 +312,12 @@ def _status_kib(field: str) -> int:
 CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def memory_child(name: str, impl: str, tasks: int, device: str, second_order: bool) -> float:
+def memory_child(name: str, impl: str, tasks: int, device: str, second_order: bool,
+                 quick: bool = False) -> float:
     """MiB above the baseline during one meta-step of ``impl`` (after its warm-up)."""
     torch.set_num_threads(1)
     config = CONFIGS[name]
-    task = fastmeta.TaskBatch(*(t.to(device) for t in config.batch(tasks)))
+    task = fastmeta.TaskBatch(*(t.to(device) for t in config.batch_for(tasks, quick)))
     step = build(impl, config, device, second_order)
     for _ in range(8 if impl == "auto" else 1):  # auto: its check and its tuning steps
         step(task)
@@ -312,23 +337,26 @@ def memory_child(name: str, impl: str, tasks: int, device: str, second_order: bo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="smaller meta-batches (omniglot 4, miniimagenet 1, resnet12 1, "
-                             "transformer 2 tasks), 2 rounds, memory of the reference loop "
-                             "and auto only")
+                        help="smaller meta-batches (omniglot 4, miniimagenet 1, transformer 2 "
+                             "tasks; resnet12 one task at 3x32x32), 2 rounds, memory of the "
+                             "reference loop and auto only")
     parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (3; --quick 2)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed rounds at least (3; --quick 2); a configuration whose step "
+                             "is short gets more, up to about 1 s of each row and 200 rounds")
     parser.add_argument("--first-order", action="store_true",
                         help="first-order MAML in every row (default: second order)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", help="write every number to this file")
-    parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
-        name, impl, tasks, order = args.memory_child
-        print(json.dumps(memory_child(name, impl, int(tasks), args.device, order == "2")))
+        name, impl, tasks, order, quick = args.memory_child
+        print(json.dumps(memory_child(name, impl, int(tasks), args.device, order == "2",
+                                      quick == "quick")))
         return
     second_order = not args.first_order
     rounds = args.rounds or (2 if args.quick else 3)
@@ -342,13 +370,14 @@ def main() -> None:
     for name in args.only:
         config = CONFIGS[name]
         tasks = config.quick_tasks if args.quick else config.tasks
-        result = time_config(name, tasks, rounds, args.device, second_order)
+        result = time_config(name, tasks, rounds, args.device, second_order, args.quick)
         memory = {}
         if not args.no_memory and (args.device.startswith("cuda") or sys.platform == "linux"):
             for impl in memory_rows:
                 done = subprocess.run(
                     [sys.executable, __file__, "--device", args.device, "--memory-child",
-                     name, impl, str(tasks), "2" if second_order else "1"],
+                     name, impl, str(tasks), "2" if second_order else "1",
+                     "quick" if args.quick else "full"],
                     capture_output=True, text=True, check=True, env=CHILD_ENV)
                 memory[impl] = json.loads(done.stdout.splitlines()[-1])
         result["peak_mib"], result["tasks"] = memory, tasks
@@ -363,7 +392,9 @@ def main() -> None:
                 text += f" (differs: {result['grad_error'][i]:.1e})"
             return text
 
-        print(f"| {name} ({tasks} tasks) | {' | '.join(cell(i) for i in IMPLS)} | "
+        label = f"{name} ({tasks} tasks"
+        label += f", {config.quick_shape})" if args.quick and config.quick_shape else ")"
+        print(f"| {label} | {' | '.join(cell(i) for i in IMPLS)} | "
               f"{result['auto_engine']} |", flush=True)
     print()
     for name, result in results.items():
