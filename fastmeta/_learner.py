@@ -19,6 +19,7 @@ from ._inner_optim import InnerOptimizer, resolve_inner_optimizer
 from ._losses import Loss, label_problem, resolve_named, shape_problem
 from ._objectives import Proximal, SupervisedLoss
 from ._selection import Selection, select
+from ._structure import structure
 from ._task import TaskBatch, as_task, single_task, to_model
 from ._tree import (
     Tree,
@@ -46,7 +47,6 @@ from .engines import (
     resolve_engine,
     without_randomness,
 )
-from .engines._structure import structure
 
 LossFn = Callable[[Any, Any], Tensor]
 

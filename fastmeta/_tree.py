@@ -17,6 +17,8 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ._structure import structure
+
 # A tensor, or a tuple, list or mapping of trees; ``None`` only as a whole (no targets).
 Tree = Any
 
@@ -91,9 +93,70 @@ def arguments(tree: Tree) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 
 def call(module: nn.Module, state: Any, tree: Tree) -> Any:
-    """``functional_call(module, state, args, kwargs)`` with the arguments of ``tree``."""
+    """``functional_call(module, state, args, kwargs)`` with the arguments of ``tree``.
+
+    ``state`` is a mapping of names to tensors, or a tuple of such mappings. The tensors
+    are put in the module's own slots (found by its cached :func:`structure`) for the
+    call and put back afterwards, as ``functional_call`` does, without its walk of the
+    module on every call (about half its cost on a small model). A tensor known under
+    several names (tied weights, a submodule used twice) is replaced everywhere it is
+    used and put back everywhere afterwards (``functional_call`` leaves a submodule used
+    twice holding the given tensor). ``functional_call`` itself runs where the cached
+    walk cannot answer: a name it does not know, a name or a tensor given twice, a tensor
+    that is a parameter in one place and a buffer in another, and while ``torch.compile``
+    traces.
+    """
     args, kwargs = arguments(tree)
-    return functional_call(module, state, args, kwargs)
+    mapping = _single(state)
+    if mapping is None or _compiling():
+        return functional_call(module, state, args, kwargs)
+    walk = structure(module)
+    places, aliases = walk.places, walk.aliases
+    targets = [aliases.get(name, name) for name in mapping] if aliases else list(mapping)
+    if walk.mixed or any(target not in places for target in targets) or (
+            aliases and len(set(targets)) < len(targets)):  # one tensor given twice
+        return functional_call(module, state, args, kwargs)
+    swapped: list[tuple[str, Any, dict[str, Any], str, Any]] = []
+    try:
+        for (name, value), target in zip(mapping.items(), targets):
+            for store, local in places[target]:
+                swapped.append((name, value, store, local, store.get(local, _MISSING)))
+                store[local] = value
+        return module(*args, **kwargs)
+    finally:
+        for name, value, store, local, original in reversed(swapped):
+            now = store.get(local, _MISSING)
+            if now is not value and now is not _MISSING and mapping is state \
+                    and isinstance(state, dict):
+                state[name] = now  # the forward assigned it anew: as functional_call does
+            if original is _MISSING:
+                store.pop(local, None)
+            else:
+                store[local] = original
+
+
+_MISSING = object()
+
+
+def _single(state: Any) -> Mapping[str, Any] | None:
+    """``state`` as one mapping, or ``None`` where names repeat across its mappings."""
+    if isinstance(state, Mapping):
+        return state
+    if isinstance(state, tuple) and all(isinstance(part, Mapping) for part in state):
+        if len(state) == 1:
+            return state[0]
+        merged: dict[str, Any] = {}
+        for part in state:
+            merged.update(part)
+        if len(merged) == sum(len(part) for part in state):
+            return merged
+    return None
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    is_compiling = getattr(compiler, "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
 
 
 def apply(fn: Callable[..., Any], tree: Tree) -> Any:

@@ -3,6 +3,7 @@ the cached optimiser check and the fused finiteness check."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 import fastmeta
-from fastmeta.engines._structure import structure
+from fastmeta._structure import structure
 from tests.conftest import make_task
 
 
@@ -126,3 +127,108 @@ def test_optimizer_check_runs_again_when_the_learners_parameters_change():
     model[1].bias = nn.Parameter(torch.zeros(1))  # a new parameter the optimiser lacks
     with pytest.warns(UserWarning, match=r"does not hold the meta-parameters \['module.1.bias'"):
         learner.meta_step(make_task(tasks=2), optimizer)
+
+
+def test_a_cached_walk_never_keeps_a_model_alive():
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    alive = weakref.ref(model)
+    structure(model)
+    learner = fastmeta.MAML(model, inner_lr=0.1)
+    structure(learner)
+    del model, learner
+    gc.collect()
+    assert alive() is None
+
+
+class _Counter(nn.Module):
+    """Reassigns a buffer in forward (not in place), as some user modules do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls = self.calls + 1
+        return self.linear(x)
+
+
+def _call_zoo() -> list[nn.Module]:
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    tied[1].weight = tied[0].weight
+    shared = nn.Linear(3, 3)
+    return [
+        nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3)),
+        nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).train(),
+        tied,
+        nn.Sequential(shared, nn.Tanh(), shared),
+        nn.utils.parametrizations.weight_norm(nn.Linear(3, 3)),
+        nn.utils.parametrizations.orthogonal(nn.Linear(3, 3)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_call_equals_functional_call_and_leaves_the_module_as_it_was(index):
+    from torch.func import functional_call
+
+    from fastmeta._tree import call
+
+    torch.manual_seed(0)
+    model = _call_zoo()[index]
+    x = torch.randn(5, 3)
+    pristine = copy.deepcopy(model)
+    before = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    state = {n: t.detach() * 1.5 + 0.1 for n, t in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    twin = {n: b.clone() for n, b in buffers.items()}
+    ours = call(model, (state, buffers) if buffers else state, x)
+    after = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    partial = dict(list(state.items())[:1])  # names left out keep the module's own
+    ours_partial = call(model, partial, x)
+    # torch's own, each on a fresh copy: it leaves a submodule used twice holding the
+    # given tensor
+    theirs = functional_call(copy.deepcopy(pristine), (state, twin) if twin else state, (x,))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    for n, b in buffers.items():  # batch statistics were written to the given copies
+        torch.testing.assert_close(b, twin[n], rtol=0, atol=0)
+    torch.testing.assert_close(
+        ours_partial, functional_call(copy.deepcopy(pristine), partial, (x,)), rtol=0, atol=0)
+
+
+def test_call_gives_back_reassigned_buffers_and_restores_after_an_error():
+    from torch.func import functional_call
+
+    from fastmeta._tree import call
+
+    model = _Counter()
+    ours = {"calls": torch.zeros(())}
+    theirs = {"calls": torch.zeros(())}
+    call(model, ours, torch.randn(1, 2))
+    functional_call(model, theirs, (torch.randn(1, 2),))
+    assert float(ours["calls"]) == float(theirs["calls"]) == 1.0
+    assert float(model.calls) == 0.0
+    weight = model.linear.weight
+    with pytest.raises(RuntimeError):
+        call(model, {"linear.weight": torch.zeros(5, 5)}, torch.randn(1, 2))
+    assert model.linear.weight is weight
+
+
+def test_call_leaves_unknown_and_repeated_names_to_functional_call():
+    from fastmeta._tree import call
+
+    model = nn.Linear(2, 2)
+    x = torch.randn(1, 2)
+    with pytest.raises(ValueError, match="weight"):  # torch's message for a name given twice
+        call(model, ({"weight": torch.zeros(2, 2)}, {"weight": torch.ones(2, 2)}), x)
+    shared = nn.Sequential(model, model)
+    weight = model.weight
+    # "1.weight" is the shared module's second name: both uses see the given tensor
+    out = call(shared, {"1.weight": torch.zeros(2, 2)}, x)
+    torch.testing.assert_close(out, model.bias.expand(1, 2), rtol=0, atol=0)
+    assert model.weight is weight
+    with pytest.raises(ValueError, match="weight"):  # one tensor under two names, twice
+        call(shared, {"0.weight": torch.zeros(2, 2), "1.weight": torch.ones(2, 2)}, x)

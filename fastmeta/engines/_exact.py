@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ._structure import structure
+from .._structure import structure
 
 
 def _channel_shape(input: Tensor) -> list[int]:

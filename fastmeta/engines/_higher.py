@@ -17,6 +17,7 @@ import higher.optim
 import torch
 from torch import Tensor, nn
 
+from .._structure import structure
 from .._task import TaskBatch
 from .._tree import Tree, arguments
 from ._base import (
@@ -32,7 +33,6 @@ from ._base import (
     stack_dicts,
 )
 from ._exact import exact_layers
-from ._structure import structure
 
 
 class _Steps:

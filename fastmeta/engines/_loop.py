@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
+from .._structure import structure
 from .._task import TaskBatch
 from .._tree import Tree, call
 from ._base import (
@@ -35,7 +36,6 @@ from ._base import (
     stack_dicts,
 )
 from ._exact import exact_layers
-from ._structure import structure
 
 
 def _checkpointed(step: Callable[[Params, Any], tuple[Params, Any, Tensor]], fast: Params,

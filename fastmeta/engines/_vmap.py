@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad_and_value, vmap
 
+from .._structure import structure
 from .._task import TaskBatch
 from .._tree import Tree, call, index
 from ._base import (
@@ -48,7 +49,6 @@ from ._base import (
     Params,
 )
 from ._exact import exact_layers
-from ._structure import structure
 
 
 def one_task(
