@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from ._inner_optim import InnerOptimizer, resolve_inner_optimizer
 from ._losses import Loss, label_problem, resolve_named, shape_problem
@@ -25,6 +24,7 @@ from ._tree import (
     Tree,
     apply,
     call,
+    call_with,
     describe,
     index,
     leaves,
@@ -150,7 +150,7 @@ class AdaptedModel:
         reference = next(iter(self.params.values()), None)
         if reference is not None:
             args, kwargs = tree_map(lambda a: _like(a, reference), (args, kwargs))
-        return functional_call(self.module, state, args, kwargs)
+        return call_with(self.module, state, args, kwargs)
 
     def named_parameters(self) -> Iterator[tuple[str, Tensor]]:
         """``(name, tensor)`` pairs of the adapted parameters."""

@@ -107,8 +107,14 @@ def call(module: nn.Module, state: Any, tree: Tree) -> Any:
     traces.
     """
     args, kwargs = arguments(tree)
+    return call_with(module, state, args, kwargs)
+
+
+def call_with(module: nn.Module, state: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+              ) -> Any:
+    """:func:`call` with the model's positional and keyword arguments given apart."""
     mapping = _single(state)
-    if mapping is None or _compiling():
+    if mapping is None or _is_compiling():
         return functional_call(module, state, args, kwargs)
     walk = structure(module)
     places, aliases = walk.places, walk.aliases
@@ -126,8 +132,7 @@ def call(module: nn.Module, state: Any, tree: Tree) -> Any:
     finally:
         for name, value, store, local, original in reversed(swapped):
             now = store.get(local, _MISSING)
-            if now is not value and now is not _MISSING and mapping is state \
-                    and isinstance(state, dict):
+            if now is not value and now is not _MISSING and isinstance(state, dict):
                 state[name] = now  # the forward assigned it anew: as functional_call does
             if original is _MISSING:
                 store.pop(local, None)
@@ -153,10 +158,16 @@ def _single(state: Any) -> Mapping[str, Any] | None:
     return None
 
 
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    is_compiling = getattr(compiler, "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else False
+def _dynamo_is_compiling() -> bool:
+    """Whether ``torch.compile`` is tracing, before ``torch.compiler.is_compiling``."""
+    import torch._dynamo
+
+    return bool(torch._dynamo.is_compiling())
+
+
+# looked up once: it is asked on every model call
+_is_compiling: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling",
+                                            _dynamo_is_compiling)
 
 
 def apply(fn: Callable[..., Any], tree: Tree) -> Any:
