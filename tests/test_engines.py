@@ -170,3 +170,70 @@ def test_adapt_many_equals_adapting_each_task_and_is_pure(engine):
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     with pytest.raises(ValueError, match="one slice per adapted task.*expected 4"):
         adapted(task.query_x[:2])
+
+
+def _definition(kind: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The normalisations written out, for the per-task reference."""
+    if kind == "layer_norm":
+        dims = list(range(x.dim() - w.dim(), x.dim()))
+        shape = list(w.shape)
+    else:
+        dims = [0, *range(2, x.dim())] if kind == "batch_norm" else list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, unbiased=False, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + 1e-5) * w.view(shape) + b.view(shape)
+
+
+def _exact_form(kind: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    from fastmeta.engines import _exact
+
+    if kind == "layer_norm":
+        return _exact.layer_norm(x, tuple(w.shape), w, b)
+    if kind == "batch_norm":
+        return _exact.batch_norm(x, None, None, w, b, training=True)
+    return _exact.instance_norm(x, None, None, w, b)
+
+
+@pytest.mark.parametrize(("kind", "x_shape", "w_shape"), [
+    ("layer_norm", (5, 4), (4,)),
+    ("layer_norm", (5, 3, 4), (3, 4)),
+    ("batch_norm", (5, 4), (4,)),
+    ("batch_norm", (5, 4, 3, 3), (4,)),
+    ("instance_norm", (5, 4, 6), (4,)),
+])
+def test_exact_normalisations_are_exact_to_second_order_under_vmap(kind, x_shape, w_shape):
+    """fastmeta's normalisations (torch's kernel without its affine part, then the affine)
+    under vmap, two second-order inner steps with per-task weights, against the definitions
+    in a per-task loop (float64). torch's kernels given the per-task weight are wrong here."""
+    g = torch.Generator().manual_seed(0)
+    tasks, channels = 3, x_shape[1]
+    data = [torch.randn(tasks, *x_shape, generator=g, dtype=torch.float64) for _ in range(3)]
+    start = [torch.randn(w_shape, generator=g, dtype=torch.float64) for _ in range(2)]
+    mix0 = torch.randn(channels, channels, generator=g, dtype=torch.float64)
+
+    def meta_gradient(norm, vectorised):
+        params = [t.clone().requires_grad_() for t in (*start, mix0)]
+
+        def loss(p, x, c):
+            h = torch.movedim(torch.movedim(x, 1, -1) @ p[2], -1, 1)  # mixes the channels
+            return (norm(h, p[0], p[1]) * c).sin().sum()
+
+        def one_task(x, q, c):
+            fast = params
+            for _ in range(2):
+                grads = torch.func.grad(loss)(fast, x, c)
+                fast = [p - 0.1 * gr for p, gr in zip(fast, grads)]
+            return loss(fast, q, c)
+
+        if vectorised:
+            torch.func.vmap(one_task)(*data).sum().backward()
+        else:
+            for t in range(tasks):
+                one_task(*(d[t] for d in data)).backward()
+        return [p.grad for p in params]
+
+    exact = meta_gradient(lambda *a: _exact_form(kind, *a), vectorised=True)
+    reference = meta_gradient(lambda *a: _definition(kind, *a), vectorised=False)
+    for got, want in zip(exact, reference):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
