@@ -67,6 +67,7 @@ TARGET_SPEED, TARGET_MEMORY = 0.95, 1.5
 # suite checks exactness in float64.
 DIFFERS, DIFFERS_AT_LEAST = 10.0, 1e-4
 MAX_ROUNDS = 200
+MAX_TUNING_STEPS = 20  # auto's tuner chooses after 7 meta-steps per batch shape
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,18 @@ def build(impl: str, config: Config, device: str, second_order: bool = True,
     return meta_step
 
 
+def warm_up(step: Callable[[fastmeta.TaskBatch], None], task: fastmeta.TaskBatch) -> None:
+    """One untimed meta-step; ``auto``: more, until its tuner has chosen (its first
+    meta-steps time every exact candidate, the slower ones too)."""
+    step(task)
+    learner = getattr(step, "learner", None)
+    for _ in range(MAX_TUNING_STEPS):
+        if learner is None or not learner.engine_tuning or learner.engine == "higher" \
+                or learner.engine_decision.timings is not None:
+            return
+        step(task)
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -261,10 +274,8 @@ def time_config(name: str, tasks: int, rounds: int, device: str, second_order: b
     config = CONFIGS[name]
     task = fastmeta.TaskBatch(*(t.to(device) for t in config.batch_for(tasks, quick)))
     steps = {impl: build(impl, config, device, second_order) for impl in IMPLS}
-    for impl, step in steps.items():  # warm-up; auto: its check and its tuning steps
-        warm = 8 if impl == "auto" else 1
-        for _ in range(warm):
-            step(task)
+    for step in steps.values():
+        warm_up(step, task)
     # Every row against the plain loop run in float64 on the same model and batch: in
     # float32 the plain loop itself is off by up to 1e-2 where several inner steps pass
     # through BatchNorm, so rows are compared with the truth, not with each other.
@@ -330,8 +341,7 @@ def memory_child(name: str, impl: str, tasks: int, device: str, second_order: bo
     config = CONFIGS[name]
     task = fastmeta.TaskBatch(*(t.to(device) for t in config.batch_for(tasks, quick)))
     step = build(impl, config, device, second_order)
-    for _ in range(8 if impl == "auto" else 1):  # auto: its check and its tuning steps
-        step(task)
+    warm_up(step, task)
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

@@ -29,7 +29,8 @@ Method:
        ``torch.func`` loop's (relative L2 error over all parameters; flagged above 1e-4,
        float32). That first call is also the compile warm-up of a compiled learner,
        reported as its compile time.
-    3. ``--warmup`` more meta-steps each.
+    3. ``--warmup`` more meta-steps each; ``auto`` more until its tuner has chosen (its
+       first meta-steps time every exact candidate, the slower ones too).
     4. ``--repeats`` rounds; each round draws one batch and times one meta-iteration of
        every implementation on it, in an order rotated from round to round, so that the
        machine's noise hits all of them alike. Times are medians over rounds; ratios are
@@ -91,6 +92,7 @@ META_BATCH = 25
 SHOTS = 10
 QUERY = 10
 GRAD_TOLERANCE = 1e-4  # relative L2 error of the meta-gradient, float32
+MAX_TUNING_STEPS = 20  # auto's tuner chooses after 7 meta-steps per batch shape
 
 # (inner_steps, first_order), in the column order of the README's throughput table.
 CASES: tuple[tuple[int, bool], ...] = ((1, False), (1, True), (5, False), (5, True))
@@ -189,6 +191,9 @@ class Impl:
     parameters: list[Tensor]
     engine: str | None = None
     notes: list[str] = field(default_factory=list)
+    # fastmeta "auto": whether its tuner has chosen (its first meta-steps time every
+    # exact candidate, the slow ones too, and must not be timed as the default's speed)
+    tuned: Callable[[], bool] = lambda: True
 
 
 class Unavailable(Exception):
@@ -321,7 +326,13 @@ def build(key: str, inner_steps: int, first_order: bool) -> Impl:
     notes = [_describe(w) for w in caught if not _is_noise(w)]
     if options["engine"] != "auto" and learner.engine != options["engine"]:
         notes.append(f"asked for engine {options['engine']!r}, got {learner.engine!r}")
-    return Impl(key, step, list(learner.parameters()), engine=learner.engine, notes=notes)
+    def tuned() -> bool:
+        # auto tunes between its torch.func paths; it does not once it runs higher
+        return (not learner.engine_tuning or learner.engine == "higher"
+                or learner.engine_decision.timings is not None)
+
+    return Impl(key, step, list(learner.parameters()), engine=learner.engine, notes=notes,
+                tuned=tuned)
 
 
 def _is_noise(w: warnings.WarningMessage) -> bool:
@@ -393,6 +404,13 @@ def run_case(
     for i in range(warmup):
         batch = sine_batch(seed=1 + i)
         for impl in impls.values():
+            impl.step(batch)
+    for i in range(MAX_TUNING_STEPS):  # auto: until its tuner has chosen
+        batch = sine_batch(seed=1 + warmup + i)
+        untuned = [impl for impl in impls.values() if not impl.tuned()]
+        if not untuned:
+            break
+        for impl in untuned:
             impl.step(batch)
 
     order = list(impls)

@@ -887,14 +887,17 @@ def _all_finite(grads: list[Tensor], output: MetaLosses) -> bool:
 
     The largest magnitude of a tensor is finite exactly when all its entries are (NaN and
     infinities propagate), and ``torch._foreach_norm`` with ``ord=inf`` gives it for all
-    gradients in one call; one sum of those and of the losses is finite when they all are.
+    gradients and losses of one dtype and device in one call; the sum of those is finite
+    when they all are.
     ``False`` may also mean that the sum overflowed: the caller then checks one by one.
     """
     device = output.query_losses.device
-    total = output.support_losses.sum() + output.query_losses.sum()
     by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-    for g in grads:
-        by_kind.setdefault((g.dtype, g.device), []).append(g)
-    for group in by_kind.values():
-        total = total + torch.stack(torch._foreach_norm(group, math.inf)).sum().to(device)
-    return math.isfinite(float(total))
+    for t in (*grads, output.support_losses, output.query_losses):
+        if t.numel():
+            by_kind.setdefault((t.dtype, t.device), []).append(t)
+    sums = [torch.stack(torch._foreach_norm(group, math.inf)).sum().to(device)
+            for group in by_kind.values()]
+    if not sums:
+        return True
+    return math.isfinite(float(sums[0] if len(sums) == 1 else torch.stack(sums).sum()))

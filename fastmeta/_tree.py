@@ -25,11 +25,15 @@ Tree = Any
 
 def leaves(tree: Tree) -> list[Any]:
     """The leaves of ``tree`` in order (``None`` has none)."""
+    if isinstance(tree, Tensor):  # the common case, without pytree's walk
+        return [tree]
     return [leaf for leaf in pytree.tree_leaves(tree) if leaf is not None]
 
 
 def tree_map(fn: Callable[[Any], Any], tree: Tree) -> Tree:
     """``tree`` with every leaf replaced by ``fn(leaf)`` (``None`` stays ``None``)."""
+    if isinstance(tree, Tensor):  # the common case, without pytree's walk
+        return fn(tree)
     return pytree.tree_map(lambda leaf: None if leaf is None else fn(leaf), tree)
 
 
