@@ -26,7 +26,7 @@ plain higher loop (``innerloop_ctx`` per task); then fastmeta's ``auto`` (after 
 and its tuning steps), ``vmap``, ``loop`` and ``higher`` engines. ``--first-order`` runs
 first-order MAML in every row. Each row is one whole meta-iteration: zeroing the gradients,
 the meta-gradient and an outer SGD step (learning rate 0, so every round sees the same
-model). Each round times every row once, in rotating order, on the same batch (a
+model). Each round times every row once, in an order drawn afresh, on the same batch (a
 configuration whose step is short gets more rounds, up to about a second of each row); the
 table shows the median time and the median over rounds of the ratio to the
 plain loop (> 1: faster). Before timing, every row's meta-gradient is compared with the
@@ -46,6 +46,7 @@ import argparse
 import gc
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -264,6 +265,11 @@ def warm_up(step: Callable[[fastmeta.TaskBatch], None], task: fastmeta.TaskBatch
         step(task)
 
 
+def shuffled(rows: tuple[str, ...] | list[str], round_: int) -> list[str]:
+    """``rows`` in an order drawn for round ``round_`` (the same in every run)."""
+    return random.Random(round_).sample(list(rows), len(rows))
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -300,7 +306,9 @@ def time_config(name: str, tasks: int, rounds: int, device: str, second_order: b
     rounds = max(rounds, min(MAX_ROUNDS, int(1.0 / (time.perf_counter() - start))))
     samples: dict[str, list[float]] = {impl: [] for impl in IMPLS}
     for r in range(rounds):
-        order = list(IMPLS[r % len(IMPLS):] + IMPLS[:r % len(IMPLS)])
+        # a fresh order each round: a row run right after a long one (the higher loop)
+        # is measurably slower, and a rotation would give every row the same predecessor
+        order = shuffled(IMPLS, r)
         for impl in order:
             _sync(device)
             start = time.perf_counter()

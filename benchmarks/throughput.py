@@ -32,8 +32,9 @@ Method:
     3. ``--warmup`` more meta-steps each; ``auto`` more until its tuner has chosen (its
        first meta-steps time every exact candidate, the slower ones too).
     4. ``--repeats`` rounds; each round draws one batch and times one meta-iteration of
-       every implementation on it, in an order rotated from round to round, so that the
-       machine's noise hits all of them alike. Times are medians over rounds; ratios are
+       every implementation on it, in an order drawn afresh each round, so that the
+       machine's noise, and the slowdown of a step run right after a long one, hit all
+       of them alike. Times are medians over rounds; ratios are
        medians of the per-round ratios (paired on the same batch, measured seconds apart).
 
 Peak memory (``--no-memory`` skips it): 10 inner steps, meta-batch 100, second order,
@@ -67,6 +68,7 @@ import copy
 import gc
 import json
 import math
+import random
 import resource
 import statistics
 import subprocess
@@ -417,7 +419,9 @@ def run_case(
     samples: dict[str, list[float]] = {key: [] for key in order}
     for r in range(repeats):
         batch = sine_batch(seed=1000 + r)
-        for key in order[r % len(order) :] + order[: r % len(order)]:
+        # a fresh order each round: a row run right after a long one (the higher loop)
+        # is measurably slower, and a rotation would give every row the same predecessor
+        for key in random.Random(r).sample(order, len(order)):
             start = time.perf_counter()
             impls[key].step(batch)
             samples[key].append((time.perf_counter() - start) * 1e3)
