@@ -270,6 +270,11 @@ def shuffled(rows: tuple[str, ...] | list[str], round_: int) -> list[str]:
     return random.Random(round_).sample(list(rows), len(rows))
 
 
+def progress(line: str) -> None:
+    """A progress line on stderr (the table goes to stdout)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -280,8 +285,10 @@ def time_config(name: str, tasks: int, rounds: int, device: str, second_order: b
     config = CONFIGS[name]
     task = fastmeta.TaskBatch(*(t.to(device) for t in config.batch_for(tasks, quick)))
     steps = {impl: build(impl, config, device, second_order) for impl in IMPLS}
-    for step in steps.values():
+    for impl, step in steps.items():
+        started = time.perf_counter()
         warm_up(step, task)
+        progress(f"{name}: {impl} warmed up in {time.perf_counter() - started:.1f} s")
     # Every row against the plain loop run in float64 on the same model and batch: in
     # float32 the plain loop itself is off by up to 1e-2 where several inner steps pass
     # through BatchNorm, so rows are compared with the truth, not with each other.
@@ -315,6 +322,8 @@ def time_config(name: str, tasks: int, rounds: int, device: str, second_order: b
             steps[impl](task)
             _sync(device)
             samples[impl].append(time.perf_counter() - start)
+        if rounds <= 20 or (r + 1) % 20 == 0:
+            progress(f"{name}: round {r + 1} of {rounds}")
     auto = steps["auto"].learner  # type: ignore[attr-defined]
     return {
         "samples": samples,
@@ -403,6 +412,7 @@ def main() -> None:
         memory = {}
         if not args.no_memory and (args.device.startswith("cuda") or sys.platform == "linux"):
             for impl in memory_rows:
+                progress(f"{name}: peak memory of {impl} (a fresh process)")
                 done = subprocess.run(
                     [sys.executable, __file__, "--device", args.device, "--memory-child",
                      name, impl, str(tasks), "2" if second_order else "1",
