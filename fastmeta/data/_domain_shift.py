@@ -75,7 +75,7 @@ class DomainShiftSinusoid(NumberedTasks):
 
     Args:
         num_source_per_task: Unlabelled source inputs per task (the blog post uses 1).
-        num_target_per_task: Labelled target pairs per task (the seed trains with 4).
+        num_target_per_task: Labelled target pairs per task (the blog post trains with 4).
         num_tasks: Number of distinct tasks.
         source_ranges: ``((low, high) for phase 0, (low, high) for phase pi)``.
         target_range: ``(low, high)`` of the target inputs.
