@@ -5,9 +5,12 @@ Usage:
     python benchmarks/engine_check.py --quick    # smaller Conv-4, fewer repeats
 
 For each configuration, in one process: the seconds the check took (``engine_decision
-.check_seconds``: the learner's computation on a float64 copy, two tasks, with both
-engines) and the median time of a steady-state meta-step of the same learner, float32,
-one thread. The check runs once per learner (and once more before the first ``adapt``).
+.check_seconds``: the learner's computation on a float64 copy, two tasks, at most two inner
+steps, a query set the size of the support set, with both engines), the seconds the same
+comparison takes on the whole of the two tasks with every inner step (what the check cost
+before it was made smaller), and the median time of a meta-step of the same learner once
+its tuner has chosen, float32, one thread. The check runs once per learner (and once more
+before the first ``adapt``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ import torch
 from torch import nn
 
 import fastmeta
+from fastmeta.engines import HigherEngine, VmapEngine
+
+MAX_TUNING_STEPS = 20  # auto's tuner chooses after 7 meta-steps per batch shape
 
 
 def sine() -> tuple[nn.Module, fastmeta.TaskBatch, dict[str, object]]:
@@ -55,6 +61,15 @@ class _Transformer(nn.Module):
         return self.head(self.encoder(self.embed(ids)).mean(1))
 
 
+def miniimagenet() -> tuple[nn.Module, fastmeta.TaskBatch, dict[str, object]]:
+    labels = torch.arange(5)
+    task = fastmeta.TaskBatch(torch.randn(4, 5, 3, 84, 84), labels.repeat(4, 1),
+                              torch.randn(4, 75, 3, 84, 84),
+                              labels.repeat_interleave(15).repeat(4, 1))
+    model = fastmeta.models.Conv4(in_channels=3, num_classes=5, hidden=32, image_size=84)
+    return model, task, {"inner_lr": 0.01, "inner_steps": 5, "loss_fn": "cross_entropy"}
+
+
 def transformer() -> tuple[nn.Module, fastmeta.TaskBatch, dict[str, object]]:
     ids = torch.randint(1, 50, (4, 5, 16))
     labels = torch.arange(5).repeat(4, 1)
@@ -63,18 +78,27 @@ def transformer() -> tuple[nn.Module, fastmeta.TaskBatch, dict[str, object]]:
 
 
 def measure(build: Callable[[], tuple[nn.Module, fastmeta.TaskBatch, dict[str, object]]],
-            repeats: int) -> tuple[float, float, str]:
+            repeats: int) -> tuple[float, float, float, str]:
     torch.manual_seed(0)
     model, task, options = build()
     learner = fastmeta.MAML(model, **options)  # type: ignore[arg-type]
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    start = time.perf_counter()
+    for engine in (HigherEngine(), VmapEngine()):  # the comparison on the whole two tasks
+        learner._probe("meta_gradient", task, None, engine, torch.float64, small=False)
+    whole = time.perf_counter() - start
     learner.meta_step(task, optimizer)  # the first one checks
+    for _ in range(MAX_TUNING_STEPS):  # then the tuner times its candidates
+        if learner.engine_decision.timings is not None:
+            break
+        learner.meta_step(task, optimizer)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         learner.meta_step(task, optimizer)
         times.append(time.perf_counter() - start)
-    return learner.engine_decision.check_seconds, statistics.median(times), learner.engine
+    return (learner.engine_decision.check_seconds, whole, statistics.median(times),
+            learner.engine)
 
 
 def main() -> None:
@@ -86,12 +110,15 @@ def main() -> None:
     configs = {"sine MLP, 25 tasks": sine,
                f"Conv-4 Omniglot shape{' (quick)' if args.quick else ''}": conv4(args.quick),
                "Transformer, 4 tasks": transformer}
-    print("| configuration | engine | check (s) | meta-step (s, median) | check / meta-step |")
-    print("|---|---|---|---|---|")
+    if not args.quick:
+        configs["Conv-4 miniImageNet shape, 4 tasks, 5 steps"] = miniimagenet
+    print("| configuration | engine | check (s) | the same on the whole two tasks (s) | "
+          "meta-step (s, median) | check / meta-step |")
+    print("|---|---|---|---|---|---|")
     for name, build in configs.items():
-        check, step, engine = measure(build, repeats)
-        print(f"| {name} | {engine} | {check:.3f} | {step:.3f} | {check / step:.2f}x |",
-              flush=True)
+        check, whole, step, engine = measure(build, repeats)
+        print(f"| {name} | {engine} | {check:.3f} | {whole:.3f} | {step:.3f} | "
+              f"{check / step:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

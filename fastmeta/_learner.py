@@ -33,6 +33,7 @@ from ._tree import (
     tree_map,
 )
 from .engines import (
+    PROBE_STEPS,
     Adaptation,
     AutoEngine,
     Engine,
@@ -45,6 +46,7 @@ from .engines import (
     OuterObjective,
     Params,
     resolve_engine,
+    smaller_probe,
     without_randomness,
 )
 
@@ -405,19 +407,25 @@ class MetaLearner(nn.Module):
 
     def _probe(
         self, kind: str, task: TaskBatch | None, steps: int | None, engine: Engine,
-        dtype: torch.dtype | None,
+        dtype: torch.dtype | None, small: bool = False,
     ) -> dict[str, Tensor]:
         """This learner's computation on a copy of itself, run by ``engine``.
 
         The copy (in ``dtype`` if given) runs on the first two tasks, without dropout,
         under a fixed seed; the learner, its model and the random-number state are left
-        as they were. Returns the adapted weights (``kind="adapt"``) or the meta-gradient.
+        as they were. ``small``: at most :data:`PROBE_STEPS` inner steps, and a query set
+        cut to the size of the support set (see :func:`smaller_probe`). Returns the
+        adapted weights (``kind="adapt"``) or the meta-gradient.
         """
         if task is None:
             raise ValueError("no task to probe")
         memo = {id(self._engine): engine, id(self.meta_gradient_sync): None}
         clone = copy.deepcopy(self, memo)
         first = TaskBatch(*(index(t, slice(0, 2)) for t in task))
+        steps = self.inner_steps if steps is None else steps
+        if small:
+            first, steps = smaller_probe(first), min(steps, PROBE_STEPS)
+            clone.inner_steps = min(clone.inner_steps, PROBE_STEPS)
         if dtype is not None:
             clone = clone.to(dtype)
             first = TaskBatch(*(
@@ -429,7 +437,7 @@ class MetaLearner(nn.Module):
             warnings.simplefilter("ignore")
             torch.manual_seed(0)
             if kind == "adapt":
-                return clone._adapt(first, self.inner_steps if steps is None else steps).params
+                return clone._adapt(first, steps).params
             clone.zero_grad(set_to_none=True)
             output = clone.meta_gradient(first)
             grads = {n: p.grad for n, p in clone.named_parameters() if p.grad is not None}

@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmeta
-from fastmeta.engines import AutoEngine, VmapEngine, is_torch_func_refusal
+from fastmeta.engines import (
+    AutoEngine,
+    VmapEngine,
+    is_torch_func_refusal,
+    smaller_probe,
+)
 from tests.conftest import make_task, tiny_mlp
 
 SGD0 = dict(lr=0.0)
@@ -79,14 +84,75 @@ def test_the_check_leaves_model_rng_and_gradients_untouched():
     engine = learner._engine
     assert isinstance(engine, AutoEngine)
     task = make_task(x_shape=(1, 6, 6), dtype=torch.float64)
-    engine.check("meta_gradient", lambda e, d: learner._probe("meta_gradient", task, None,
-                                                               e, d))
+    engine.check("meta_gradient", lambda e, d, small: learner._probe(
+        "meta_gradient", task, None, e, d, small))
     assert torch.equal(torch.random.get_rng_state(), rng)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in learner.parameters())
     assert learner.engine == "vmap" and learner.engine_decision.checked == ("meta_gradient",)
     assert learner.engine_decision.max_error < 1e-7  # the tolerance of the check
     assert learner.engine_decision.check_seconds > 0
+
+
+class SharedLog(list):
+    """A list that copies of a model share (the check runs on a deep copy)."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class ShapeRecorder(nn.Module):
+    """An MLP that logs the number of examples of every call outside ``vmap``."""
+
+    def __init__(self, allowed: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.body = tiny_mlp()
+        self.allowed, self.log = allowed, SharedLog()
+
+    def forward(self, x):
+        if not torch._C._functorch.is_batchedtensor(x):
+            self.log.append(x.shape[0])
+            if self.allowed and x.shape[0] not in self.allowed:
+                raise ValueError(f"built for {self.allowed} examples, got {x.shape[0]}")
+        return self.body(x)
+
+
+def test_the_check_runs_two_inner_steps_on_a_query_set_the_size_of_the_support_set():
+    model = ShapeRecorder()
+    learner = fastmeta.MAML(model, inner_lr=0.1, inner_steps=5)
+    learner.meta_step(make_task(tasks=3, shots=4, query=30, dtype=torch.float64),
+                      torch.optim.SGD(learner.parameters(), **SGD0))
+    # first the learner's check of the output's shape on the support set, then higher on
+    # the first two tasks: 2 inner steps on the 4 support examples, then 4 of the 30 query
+    # examples, per task (vmap's calls are batched and not logged)
+    assert model.log == [4] + [4, 4, 4] * 2
+    assert learner.engine == "vmap" and learner.engine_decision.checked == ("meta_gradient",)
+
+
+def test_smaller_probe_cuts_the_query_examples_and_keeps_per_task_context():
+    query = {"x": torch.randn(2, 30, 3), "edges": torch.zeros(2, 2, 7)}
+    task = fastmeta.TaskBatch(torch.randn(2, 4, 3), torch.randn(2, 4), query,
+                              torch.randn(2, 30))
+    small = smaller_probe(task)
+    assert small.query_x["x"].shape == (2, 4, 3) and small.query_y.shape == (2, 4)
+    assert small.query_x["edges"].shape == (2, 2, 7)
+    assert torch.equal(small.query_x["x"], query["x"][:, :4])
+    one_shot = make_task(tasks=2, shots=1, query=9)
+    assert smaller_probe(one_shot).query_x.shape[1] == 2  # BatchNorm needs two examples
+    assert smaller_probe(make_task(shots=4, query=3)).query_x.shape[1] == 3
+
+
+def test_a_model_built_for_its_query_size_is_checked_on_the_whole_query_set():
+    # 1 support and 9 query examples; the small probe would feed it 2
+    model = ShapeRecorder(allowed=(1, 9))
+    learner = fastmeta.MAML(model, inner_lr=0.1, inner_steps=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learner.meta_step(make_task(tasks=2, shots=1, query=9, dtype=torch.float64),
+                          torch.optim.SGD(learner.parameters(), **SGD0))
+    assert learner.engine == "vmap"
+    assert learner.engine_decision.checked == ("meta_gradient",)
+    assert learner.engine_decision.max_error < 1e-7
 
 
 def test_the_decision_is_inspectable_and_the_check_can_be_turned_off():

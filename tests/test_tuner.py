@@ -63,6 +63,46 @@ def test_the_tuner_keeps_the_fastest_candidate_per_batch_shape():
     assert ("other",) not in tuner.chosen
 
 
+def test_a_twin_of_an_earlier_candidate_is_not_run_and_takes_its_time():
+    clock, ran = FakeClock(), []
+    costs = {"a": 3.0, "b": 1.0, "c": 3.0}
+
+    def call(e):
+        ran.append(e.name)
+        clock.now += costs[e.name]
+
+    tuner = Tuner([(n, Named(n)) for n in "abc"], rounds=2, clock=clock)
+    for _ in range(tuner.steps):  # as many steps as without a twin
+        tuner.run("k", call, lambda label: "a" if label == "c" else None)
+    # c's turns run the fastest candidate measured so far (b), which gets those times
+    assert ran == ["a", "a", "b", "b", "a", "b", "b"]
+    tuner.decide()
+    assert tuner.timings["k"] == {"a": 3.0, "b": 1.0, "c": 3.0}
+    assert tuner.chosen["k"] == "b"
+
+
+def test_auto_spends_no_tuning_step_on_chunks_that_hold_every_task(monkeypatch):
+    clock = FakeClock()
+    _costed(monkeypatch, clock, {VmapEngine: 5.0, LoopEngine: 1.0})
+    chunked = []
+    original = VmapEngine.meta_gradient
+
+    def spy(self, *args, **kwargs):
+        chunked.append(self.chunk_size)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(VmapEngine, "meta_gradient", spy)
+    learner = fastmeta.MAML(tiny_mlp(), inner_lr=0.1)
+    learner._engine._clock = clock
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.0)
+    for _ in range(1 + 7 + 1):
+        learner.meta_step(make_task(tasks=4, dtype=torch.float64), optimizer)
+    assert learner.engine == "loop"
+    assert learner.engine_decision.timings == {"vmap": 5.0, "loop": 1.0,
+                                               "vmap, chunks of 4": 5.0}
+    assert set(chunked) == {None}  # the chunked engine never ran
+
+
 def test_every_rank_takes_the_choice_of_the_summed_times():
     costs = {"a": 1.0, "b": 2.0}
     other_rank = [5.0, 0.5]  # b is far faster there
@@ -91,7 +131,7 @@ def test_auto_takes_the_fastest_exact_engine_and_its_meta_gradients_are_exact(mo
     learner.meta_step(task, optimizer)
     decision = learner.engine_decision
     assert learner.engine == "loop" and "measured fastest: loop" in decision.reason
-    assert decision.timings == {"vmap": 5.0, "vmap, chunks of 4": 10.0, "loop": 1.0}
+    assert decision.timings == {"vmap": 5.0, "loop": 1.0, "vmap, chunks of 4": 10.0}
     reference = fastmeta.MAML(tiny_mlp(), inner_lr=0.1, inner_steps=2, engine="higher")
     reference.meta_step(task, torch.optim.SGD(reference.parameters(), lr=0.0))
     for a, b in zip(learner.parameters(), reference.parameters()):

@@ -19,10 +19,12 @@ from torch import nn
 
 from .._inner_optim import InnerOptimizer
 from ._auto import (
+    PROBE_STEPS,
     TORCH_FUNC_REFUSALS,
     AutoEngine,
     EngineDecision,
     is_torch_func_refusal,
+    smaller_probe,
     vmap_obstacle,
 )
 from ._base import (
@@ -107,6 +109,7 @@ def resolve_engine(
 
 __all__ = [
     "ENGINES",
+    "PROBE_STEPS",
     "TORCH_FUNC_REFUSALS",
     "Tuner",
     "Adaptation",
@@ -128,5 +131,6 @@ __all__ = [
     "is_torch_func_refusal",
     "refused_layer",
     "resolve_engine",
+    "smaller_probe",
     "without_randomness",
 ]

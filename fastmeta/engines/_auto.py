@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .._inner_optim import FUNCTIONAL_OPTIMIZERS, InnerOptimizer
 from .._task import TaskBatch
+from .._tree import first_leaf, tree_map
 from ._base import Adaptation, Engine, InnerLoop, MetaGrad, MetaLosses, OuterObjective
 from ._exact import unvectorisable_layer
 from ._higher import HigherEngine
@@ -39,13 +40,16 @@ from ._loop import LoopEngine
 from ._tuner import Key, Tuner, shape_key
 from ._vmap import VmapEngine
 
-# Probe(engine, dtype): the learner's computation on a copy of itself, run by ``engine``
-# in ``dtype`` (None: the model's own); returns named tensors to compare.
-Probe = Callable[[Engine, "torch.dtype | None"], dict[str, Tensor]]
+# Probe(engine, dtype, small): the learner's computation on a copy of itself, run by
+# ``engine`` in ``dtype`` (None: the model's own), on a smaller problem if ``small`` (see
+# smaller_probe); returns named tensors to compare.
+Probe = Callable[[Engine, "torch.dtype | None", bool], dict[str, Tensor]]
 # Agree(verdict) -> the verdict every process of a data-parallel job takes (the worst).
 Agree = Callable[[int], int]
 
 AGREE, INCONCLUSIVE, DISAGREE = 0, 1, 2
+# Tasks per chunk of the tuner's chunked candidate (one backward per chunk).
+TUNED_CHUNK = 4
 
 # Substrings of the errors torch.func raises where it cannot run a model (torch 2.x).
 TORCH_FUNC_REFUSALS = (
@@ -69,6 +73,33 @@ def is_torch_func_refusal(error: BaseException) -> bool:
         return False
     message = str(error).lower()
     return any(marker in message for marker in TORCH_FUNC_REFUSALS)
+
+
+# Inner steps of the small probe: the first step differentiates through the shared
+# initial weights, the second through weights already specific to each task; later steps
+# repeat the second's computation, so they exercise no other batching rule.
+PROBE_STEPS = 2
+
+
+def smaller_probe(task: TaskBatch) -> TaskBatch:
+    """``task`` with its query set cut to as many examples as the support set (at least 2).
+
+    The check compares two engines on the same computation, so it needs every layer and
+    every kind of inner step, not every example: on the miniImageNet shape (5 support, 75
+    query images) the query set is most of the cost, and in float64 (where a CPU has no
+    fast convolution) the cost is seconds. Leaves whose dim 1 is not the query's example
+    count (per-task context) are kept whole.
+    """
+    keep = max(task.support_shots, 2)
+    shots = int(first_leaf(task.query_x).shape[1])
+    if shots <= keep:
+        return task
+
+    def cut(leaf: Tensor) -> Tensor:
+        return leaf[:, :keep] if leaf.dim() >= 2 and leaf.shape[1] == shots else leaf
+
+    return task._replace(query_x=tree_map(cut, task.query_x),
+                         query_y=tree_map(cut, task.query_y))
 
 
 def vmap_obstacle(model: nn.Module, optimizer: InnerOptimizer) -> str | None:
@@ -96,7 +127,8 @@ class EngineDecision:
         check_seconds: time spent checking, in total.
         timings: best seconds per meta-step of each exact candidate on the latest batch
             shape the tuner measured (``None`` before it has), e.g.
-            ``{"vmap": 0.9, "vmap, chunks of 4": 0.7, "loop": 0.5}``.
+            ``{"vmap": 0.9, "loop": 0.5, "vmap, chunks of 4": 0.7}`` (on 4 tasks or
+            fewer, chunks of 4 are plain ``vmap`` and get its time).
     """
 
     engine: str
@@ -254,16 +286,18 @@ class AutoEngine(Engine):
             self._reason = f"vectorised; checked against higher ({', '.join(self._checked)})"
 
     def _probe_both(self, probe: Probe, kind: str) -> tuple[int, str]:
-        """``(verdict, reason)`` of one comparison, in float64 if the model runs in it."""
-        for dtype in (torch.float64, None):
+        """``(verdict, reason)`` of one comparison: in float64 if the model runs in it, on
+        the small problem if higher runs that (a model built for one query size may not)."""
+        for dtype, small in ((torch.float64, True), (torch.float64, False), (None, True),
+                             (None, False)):
             try:
-                reference = probe(self._higher, dtype)
+                reference = probe(self._higher, dtype, small)
             except torch.OutOfMemoryError:
                 raise
             except Exception:  # e.g. a model that mixes in float32 constants: try its dtype
                 continue
             try:
-                candidate = probe(VmapEngine(), dtype)
+                candidate = probe(VmapEngine(), dtype, small)
             except torch.OutOfMemoryError:
                 raise
             except Exception as error:
@@ -294,15 +328,20 @@ class AutoEngine(Engine):
     def meta_gradient(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
                       outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
         if self._settled and self._current is self._vmap:
-            self._start_tuning([("vmap", self._vmap), ("vmap, chunks of 4",
-                                                       VmapEngine(chunk_size=4)),
-                                ("loop", LoopEngine())])
+            self._start_tuning([("vmap", self._vmap), ("loop", LoopEngine()),
+                                (f"vmap, chunks of {TUNED_CHUNK}",
+                                 VmapEngine(chunk_size=TUNED_CHUNK))])
         tuner = self._tuner
         if tuner is None or not self._settled or not (self.tune or tuner.chosen):
             return self._call("meta_gradient", module, task, loop, outer, order=order)
         self._latest_key = shape_key(task)
+
+        def twin(label: str) -> str | None:  # one chunk holding every task is plain vmap
+            chunked = label.startswith("vmap, chunks") and task.num_tasks <= TUNED_CHUNK
+            return "vmap" if chunked else None
+
         _, losses = tuner.run(self._latest_key, lambda engine: engine.meta_gradient(
-            module, task, loop, outer, order=order))
+            module, task, loop, outer, order=order), twin)
         return losses
 
     def _call(self, verb: str, module: nn.Module, task: TaskBatch, loop: InnerLoop, *args: Any,

@@ -6,6 +6,12 @@ first meta-gradient runs on the first candidate untimed (a warm-up), the next
 the candidate with the smallest best time runs. Every candidate is exact, so the tuning
 meta-steps are ordinary meta-steps: tuning costs no extra computation, only the time of the
 slower candidates during those steps.
+
+A candidate that runs the same computation as an earlier one on the batch (``vmap`` in
+chunks of 4 tasks, on 4 tasks or fewer, is ``vmap``) is not run for its turn: the fastest
+candidate measured so far runs instead, and the twin's time counts as its own. So the
+number of tuning steps never depends on the batch (every process of a data-parallel job
+decides at the same meta-step), and a meta-batch of 4 spends no step on a slow twin.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class Tuner:
         self.clock = clock
         self._calls: dict[Key, int] = {}
         self._times: dict[Key, dict[str, list[float]]] = {}
+        self._twins: dict[Key, dict[str, str]] = {}  # label -> the candidate it equals
         self.chosen: dict[Key, str] = {}
         self.timings: dict[Key, dict[str, float]] = {}
 
@@ -51,8 +58,16 @@ class Tuner:
         """Meta-steps per batch shape before the choice: one warm-up, then the timed ones."""
         return 1 + self.rounds * len(self.candidates)
 
-    def run(self, key: Key, call: Callable[[Engine], Any]) -> tuple[str, Any]:
-        """Run ``call(engine)`` on the engine for ``key`` (timing it while tuning)."""
+    def run(self, key: Key, call: Callable[[Engine], Any],
+            twin: Callable[[str], str | None] | None = None) -> tuple[str, Any]:
+        """Run ``call(engine)`` on the engine for ``key`` (timing it while tuning).
+
+        Args:
+            key: the batch shape (:func:`shape_key`).
+            call: runs one meta-step on the engine it is given.
+            twin: for a label, the label of an earlier candidate that runs the same
+                computation on this batch, or ``None``.
+        """
         engines = dict(self.candidates)
         if key in self.chosen:
             label = self.chosen[key]
@@ -66,9 +81,15 @@ class Tuner:
             label = self.candidates[0][0]
             return label, call(engines[label])
         label = self.candidates[(position - 1) % len(self.candidates)][0]
+        times = self._times.setdefault(key, {})
+        same = twin(label) if twin is not None else None
+        if same is not None:
+            self._twins.setdefault(key, {})[label] = same
+            measured = {k: min(v) for k, v in times.items() if v}
+            label = min(measured, key=measured.__getitem__) if measured else same
         start = self.clock()
         result = call(engines[label])
-        self._times.setdefault(key, {}).setdefault(label, []).append(self.clock() - start)
+        times.setdefault(label, []).append(self.clock() - start)
         return label, result
 
     def ready(self) -> list[Key]:
@@ -83,7 +104,8 @@ class Tuner:
                 (e.g. their sum), so that every process makes the same choice.
         """
         for key in self.ready():
-            best = [min(self._times[key][label]) for label, _ in self.candidates]
+            times, twins = self._times[key], self._twins.get(key, {})
+            best = [min(times[twins.get(label, label)]) for label, _ in self.candidates]
             combined = agree(best) if agree is not None else best
             self.timings[key] = {label: t for (label, _), t in zip(self.candidates, combined)}
             self.chosen[key] = min(self.timings[key], key=self.timings[key].__getitem__)
