@@ -13,7 +13,7 @@ Configurations (second-order MAML unless said; float32; one thread on CPU):
   meta-batch 4, 5 inner steps, α = 0.01 (its miniImageNet protocol);
 - ``resnet12``: ResNet-12 (64-160-320-640) at the miniImageNet shape, 5-way 1-shot, 15 query
   per class, meta-batch 2, 1 step, α = 0.01 (``--quick``: one task at the CIFAR-FS shape,
-  3×32×32, 5 query per class);
+  3×32×32, 2 query per class);
 - ``transformer``: an embedding, a Transformer encoder layer (d = 32) and a linear head on
   16 tokens, 5-way 5-shot, meta-batch 4, 1 step;
 - ``sine``: the MAML paper's 1-40-40-1 MLP, K = 10, meta-batch 25, 1 step.
@@ -37,7 +37,8 @@ suite checks exactness in float64. Peak memory: the resident-set high-water mark
 meta-step in a fresh process run with ``MALLOC_MMAP_THRESHOLD_=65536`` (so that freed
 tensors return to the OS and the mark follows live memory; on CUDA,
 ``torch.cuda.max_memory_allocated``), for every row (``--quick``: the plain loop and
-``auto``).
+``auto``); these processes run after all the timing, two at a time on a CPU
+(``--memory-jobs``), so the table is printed at the end.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,8 +137,8 @@ CONFIGS = {
                            _images(3, 84, 5, 1, 15), 4, 1, 0.01, 5, "cross_entropy"),
     "resnet12": Config(lambda: fastmeta.models.ResNet12(in_channels=3, num_classes=5),
                        _images(3, 84, 5, 1, 15), 2, 1, 0.01, 1, "cross_entropy",
-                       quick_batch=_images(3, 32, 5, 1, 5),
-                       quick_shape="CIFAR-FS shape 3×32×32, 5 query/class"),
+                       quick_batch=_images(3, 32, 5, 1, 2),
+                       quick_shape="CIFAR-FS shape 3×32×32, 2 query/class"),
     "transformer": Config(TinyTransformer, _tokens, 4, 2, 0.1, 1, "cross_entropy"),
     "sine": Config(fastmeta.models.SineMLP, _sine, 25, 25, 0.01, 1, "mse"),
 }
@@ -372,12 +374,23 @@ def memory_child(name: str, impl: str, tasks: int, device: str, second_order: bo
     return (_status_kib("VmHWM") - base) / 1024
 
 
+def peak_memory(name: str, impl: str, tasks: int, args: argparse.Namespace,
+                second_order: bool) -> float:
+    """:func:`memory_child` of one row, run in a fresh process."""
+    progress(f"{name}: peak memory of {impl} (a fresh process)")
+    done = subprocess.run(
+        [sys.executable, __file__, "--device", args.device, "--memory-child", name, impl,
+         str(tasks), "2" if second_order else "1", "quick" if args.quick else "full"],
+        capture_output=True, text=True, check=True, env=CHILD_ENV)
+    return float(json.loads(done.stdout.splitlines()[-1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="smaller meta-batches (omniglot 4, miniimagenet 1, transformer 2 "
-                             "tasks; resnet12 one task at 3x32x32), 2 rounds, memory of the "
-                             "reference loop and auto only")
+                             "tasks; resnet12 one task at 3x32x32, 2 query/class), 2 rounds, "
+                             "memory of the reference loop and auto only")
     parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--rounds", type=int, default=None,
                         help="timed rounds at least (3; --quick 2); a configuration whose step "
@@ -387,6 +400,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-jobs", type=int, default=None,
+                        help="fresh processes measuring peak memory at once, after all the "
+                             "timing (default: 2 on a CPU with 2 cores or more, 1 on CUDA)")
     parser.add_argument("--json", help="write every number to this file")
     parser.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -400,27 +416,36 @@ def main() -> None:
     rounds = args.rounds or (2 if args.quick else 3)
     memory_rows = ("reference", "auto") if args.quick else IMPLS
     results: dict[str, Any] = {}
+    for name in args.only:
+        config = CONFIGS[name]
+        tasks = config.quick_tasks if args.quick else config.tasks
+        results[name] = time_config(name, tasks, rounds, args.device, second_order, args.quick)
+        results[name]["tasks"], results[name]["peak_mib"] = tasks, {}
+        timed = results[name]["vs_reference"]
+        progress(f"{name}: timed; auto {timed['auto']:.2f}× the plain loop, hand-written vmap "
+                 f"{timed['hand-vmap']:.2f}×, plain higher loop {timed['higher-loop']:.2f}× "
+                 f"(auto runs {results[name]['auto_engine']})")
+    if not args.no_memory and (args.device.startswith("cuda") or sys.platform == "linux"):
+        # auto's rows first (its check and tuning make them the longest), so that the
+        # processes running at once finish together
+        jobs = sorted(((name, impl) for name in args.only for impl in memory_rows),
+                      key=lambda job: job[1] != "auto")
+        workers = args.memory_jobs or (1 if args.device.startswith("cuda")
+                                       else min(2, os.cpu_count() or 1))
+        progress(f"peak memory of {len(jobs)} rows, each in a fresh process, {workers} at once "
+                 f"(the timing is done: they measure memory, not time)")
+        with ThreadPoolExecutor(workers) as pool:
+            peaks = pool.map(lambda job: peak_memory(job[0], job[1], results[job[0]]["tasks"],
+                                                     args, second_order), jobs)
+            for (name, impl), peak in zip(jobs, peaks):
+                results[name]["peak_mib"][impl] = peak
     order = "second" if second_order else "first"
     print(f"{order}-order MAML; median ms per meta-step · median ratio to the plain per-task "
           f"loop (> 1: faster); peak MiB per row in fresh processes\n")
     print("| configuration | " + " | ".join(IMPLS) + " | auto runs |")
     print("|---" * (len(IMPLS) + 2) + "|")
-    for name in args.only:
-        config = CONFIGS[name]
-        tasks = config.quick_tasks if args.quick else config.tasks
-        result = time_config(name, tasks, rounds, args.device, second_order, args.quick)
-        memory = {}
-        if not args.no_memory and (args.device.startswith("cuda") or sys.platform == "linux"):
-            for impl in memory_rows:
-                progress(f"{name}: peak memory of {impl} (a fresh process)")
-                done = subprocess.run(
-                    [sys.executable, __file__, "--device", args.device, "--memory-child",
-                     name, impl, str(tasks), "2" if second_order else "1",
-                     "quick" if args.quick else "full"],
-                    capture_output=True, text=True, check=True, env=CHILD_ENV)
-                memory[impl] = json.loads(done.stdout.splitlines()[-1])
-        result["peak_mib"], result["tasks"] = memory, tasks
-        results[name] = result
+    for name, result in results.items():
+        config, tasks, memory = CONFIGS[name], result["tasks"], result["peak_mib"]
 
         def cell(i: str, result: dict[str, Any] = result, memory: dict[str, float] = memory
                  ) -> str:
