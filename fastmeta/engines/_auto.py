@@ -48,8 +48,6 @@ Probe = Callable[[Engine, "torch.dtype | None", bool], dict[str, Tensor]]
 Agree = Callable[[int], int]
 
 AGREE, INCONCLUSIVE, DISAGREE = 0, 1, 2
-# Tasks per chunk of the tuner's chunked candidate (one backward per chunk).
-TUNED_CHUNK = 4
 
 # Substrings of the errors torch.func raises where it cannot run a model (torch 2.x).
 TORCH_FUNC_REFUSALS = (
@@ -329,16 +327,18 @@ class AutoEngine(Engine):
                       outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
         if self._settled and self._current is self._vmap:
             self._start_tuning([("vmap", self._vmap), ("loop", LoopEngine()),
-                                (f"vmap, chunks of {TUNED_CHUNK}",
-                                 VmapEngine(chunk_size=TUNED_CHUNK))])
+                                ("vmap, chunks of 4", VmapEngine(chunk_size=4))])
         tuner = self._tuner
         if tuner is None or not self._settled or not (self.tune or tuner.chosen):
             return self._call("meta_gradient", module, task, loop, outer, order=order)
         self._latest_key = shape_key(task)
+        engines = dict(tuner.candidates)
 
         def twin(label: str) -> str | None:  # one chunk holding every task is plain vmap
-            chunked = label.startswith("vmap, chunks") and task.num_tasks <= TUNED_CHUNK
-            return "vmap" if chunked else None
+            engine = engines[label]
+            if isinstance(engine, VmapEngine) and engine.chunk_size and not engine.splits(task):
+                return "vmap"
+            return None
 
         _, losses = tuner.run(self._latest_key, lambda engine: engine.meta_gradient(
             module, task, loop, outer, order=order), twin)

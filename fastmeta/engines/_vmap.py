@@ -161,10 +161,14 @@ class VmapEngine(Engine):
         self.chunk_size = chunk_size
         self._compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
 
+    def splits(self, task: TaskBatch) -> bool:
+        """Whether ``task`` runs in more than one chunk (otherwise as one ``vmap``)."""
+        return self.chunk_size is not None and task.num_tasks > self.chunk_size
+
     def meta_gradient(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
                       outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
         size = self.chunk_size
-        if size is None or task.num_tasks <= size:
+        if size is None or not self.splits(task):
             return super().meta_gradient(module, task, loop, outer, order=order)
         queries, supports = [], []
         for start in range(0, task.num_tasks, size):
