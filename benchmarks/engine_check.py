@@ -89,7 +89,7 @@ def measure(build: Callable[[], tuple[nn.Module, fastmeta.TaskBatch, dict[str, o
     whole = time.perf_counter() - start
     learner.meta_step(task, optimizer)  # the first one checks
     for _ in range(MAX_TUNING_STEPS):  # then the tuner times its candidates
-        if learner.engine_decision.timings is not None:
+        if not learner.engine_decision.tuning:
             break
         learner.meta_step(task, optimizer)
     times = []

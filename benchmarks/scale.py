@@ -261,8 +261,7 @@ def warm_up(step: Callable[[fastmeta.TaskBatch], None], task: fastmeta.TaskBatch
     step(task)
     learner = getattr(step, "learner", None)
     for _ in range(MAX_TUNING_STEPS):
-        if learner is None or not learner.engine_tuning or learner.engine == "higher" \
-                or learner.engine_decision.timings is not None:
+        if learner is None or not learner.engine_decision.tuning:
             return
         step(task)
 

@@ -329,9 +329,7 @@ def build(key: str, inner_steps: int, first_order: bool) -> Impl:
     if options["engine"] != "auto" and learner.engine != options["engine"]:
         notes.append(f"asked for engine {options['engine']!r}, got {learner.engine!r}")
     def tuned() -> bool:
-        # auto tunes between its torch.func paths; it does not once it runs higher
-        return (not learner.engine_tuning or learner.engine == "higher"
-                or learner.engine_decision.timings is not None)
+        return not learner.engine_decision.tuning
 
     return Impl(key, step, list(learner.parameters()), engine=learner.engine, notes=notes,
                 tuned=tuned)

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import fastmeta
 from fastmeta.engines import LoopEngine, Tuner, VmapEngine
@@ -150,6 +151,26 @@ def test_auto_never_tunes_towards_an_inexact_engine():
             learner.meta_step(make_task(dtype=torch.float64), optimizer)
     assert set(learner.engine_decision.timings or {}) == {"higher", "loop"}
     assert learner.engine in ("higher", "loop")
+
+
+def test_the_decision_says_while_tuning_goes_on():
+    learner = fastmeta.MAML(tiny_mlp(), inner_lr=0.1)
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.0)
+    assert learner.engine_decision.tuning  # before the first meta-step
+    for _ in range(1 + 7):  # the checked call, then the tuner's steps
+        learner.meta_step(make_task(dtype=torch.float64), optimizer)
+        assert learner.engine_decision.tuning
+    learner.meta_step(make_task(dtype=torch.float64), optimizer)
+    assert not learner.engine_decision.tuning and learner.engine_decision.timings
+    learner.meta_step(make_task(shots=7, dtype=torch.float64), optimizer)
+    assert learner.engine_decision.tuning  # a new batch shape is measured anew
+    learner.engine_tuning = False
+    assert not learner.engine_decision.tuning
+    assert not fastmeta.MAML(tiny_mlp(), inner_lr=0.1, engine="vmap").engine_decision.tuning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rnn = fastmeta.MAML(nn.Sequential(nn.RNN(1, 4)), inner_lr=0.1)  # higher, untuned
+    assert rnn.engine == "higher" and not rnn.engine_decision.tuning
 
 
 def test_tuning_can_be_turned_off():

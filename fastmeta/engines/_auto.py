@@ -127,6 +127,8 @@ class EngineDecision:
             shape the tuner measured (``None`` before it has), e.g.
             ``{"vmap": 0.9, "loop": 0.5, "vmap, chunks of 4": 0.7}`` (on 4 tasks or
             fewer, chunks of 4 are plain ``vmap`` and get its time).
+        tuning: whether the next meta-steps still time candidates (for the latest batch
+            shape, or for the first one): the engine may change once they are done.
     """
 
     engine: str
@@ -135,6 +137,7 @@ class EngineDecision:
     max_error: float | None = None
     check_seconds: float = 0.0
     timings: dict[str, float] | None = None
+    tuning: bool = False
 
 
 def _first_line(error: BaseException) -> str:
@@ -218,7 +221,14 @@ class AutoEngine(Engine):
         if timings:
             reason += f"; measured fastest: {tuner.chosen[key]}"  # type: ignore[union-attr,index]
         return EngineDecision(self.name, reason, tuple(self._checked), self._max_error,
-                              self._seconds, timings)
+                              self._seconds, timings, self._tuning())
+
+    def _tuning(self) -> bool:
+        if not self.tune:
+            return False
+        if self._tuner is None:  # it starts once a checked call settles on vmap
+            return self._vmap is not None and self._current is self._vmap
+        return self._latest_key is None or self._latest_key not in self._tuner.chosen
 
     def _start_tuning(self, candidates: list[tuple[str, Engine]]) -> None:
         if self.tune and self._tuner is None:
