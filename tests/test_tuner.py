@@ -42,15 +42,21 @@ class Named:
         self.name = name
 
 
-def test_the_tuner_keeps_the_fastest_candidate_per_batch_shape():
-    clock, ran = FakeClock(), []
-    costs = {"a": 3.0, "b": 1.0, "c": 2.0}
+def _paying(clock: FakeClock, costs: dict[str, float], ran: list[str] | None = None):
+    """A tuner's ``call(engine)`` that logs the engine's name and charges its cost."""
 
     def call(e):
-        ran.append(e.name)
+        if ran is not None:
+            ran.append(e.name)
         clock.now += costs[e.name]
         return e.name
 
+    return call
+
+
+def test_the_tuner_keeps_the_fastest_candidate_per_batch_shape():
+    clock, ran = FakeClock(), []
+    call = _paying(clock, {"a": 3.0, "b": 1.0, "c": 2.0}, ran)
     a, b, c = (("a", Named("a")), ("b", Named("b")), ("c", Named("c")))
     tuner = Tuner([a, b, c], rounds=2, clock=clock)
     for _ in range(tuner.steps):
@@ -66,12 +72,7 @@ def test_the_tuner_keeps_the_fastest_candidate_per_batch_shape():
 
 def test_a_twin_of_an_earlier_candidate_is_not_run_and_takes_its_time():
     clock, ran = FakeClock(), []
-    costs = {"a": 3.0, "b": 1.0, "c": 3.0}
-
-    def call(e):
-        ran.append(e.name)
-        clock.now += costs[e.name]
-
+    call = _paying(clock, {"a": 3.0, "b": 1.0, "c": 3.0}, ran)
     tuner = Tuner([(n, Named(n)) for n in "abc"], rounds=2, clock=clock)
     for _ in range(tuner.steps):  # as many steps as without a twin
         tuner.run("k", call, lambda label: "a" if label == "c" else None)
@@ -105,13 +106,9 @@ def test_auto_spends_no_tuning_step_on_chunks_that_hold_every_task(monkeypatch):
 
 
 def test_every_rank_takes_the_choice_of_the_summed_times():
-    costs = {"a": 1.0, "b": 2.0}
     other_rank = [5.0, 0.5]  # b is far faster there
     clock = FakeClock()
-
-    def call(e):
-        clock.now += costs[e.name]
-
+    call = _paying(clock, {"a": 1.0, "b": 2.0})
     tuner = Tuner([("a", Named("a")), ("b", Named("b"))], clock=clock)
     for _ in range(tuner.steps):
         tuner.run("k", call)

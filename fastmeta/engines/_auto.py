@@ -342,10 +342,9 @@ class AutoEngine(Engine):
         if tuner is None or not self._settled or not (self.tune or tuner.chosen):
             return self._call("meta_gradient", module, task, loop, outer, order=order)
         self._latest_key = shape_key(task)
-        engines = dict(tuner.candidates)
 
         def twin(label: str) -> str | None:  # one chunk holding every task is plain vmap
-            engine = engines[label]
+            engine = dict(tuner.candidates)[label]
             if isinstance(engine, VmapEngine) and engine.chunk_size and not engine.splits(task):
                 return "vmap"
             return None
