@@ -77,3 +77,16 @@ def test_sine_results_md_has_no_blown_up_mean_and_says_what_diverged():
 def test_sine_results_md_names_no_algorithm_beyond_training_when_steps_match():
     text = markdown(_results({"maml": 0.4, "transfer": 2.0}, eval_steps=1))
     assert "Evaluated beyond their training" not in text
+
+
+def test_results_files_get_the_mode_of_any_new_file(tmp_path):
+    import os
+    import stat
+
+    from fastmeta.bench._outdir import write_text
+
+    write_text(tmp_path / "results.md", "# results\n")
+    (tmp_path / "figure.png").write_bytes(b"")  # as matplotlib creates a figure
+    mode = stat.S_IMODE(os.stat(tmp_path / "results.md").st_mode)
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "figure.png").st_mode)
+    assert mode & stat.S_IRGRP or os.umask(os.umask(0)) & 0o040  # readable unless umask says no
