@@ -90,3 +90,27 @@ def test_results_files_get_the_mode_of_any_new_file(tmp_path):
     mode = stat.S_IMODE(os.stat(tmp_path / "results.md").st_mode)
     assert mode == stat.S_IMODE(os.stat(tmp_path / "figure.png").st_mode)
     assert mode & stat.S_IRGRP or os.umask(os.umask(0)) & 0o040  # readable unless umask says no
+
+
+def test_the_line_after_training_says_its_loss_is_a_window_mean_and_its_time_a_median():
+    from fastmeta.bench._runner import final_line
+    from fastmeta.bench._train import TrainingRecord
+
+    record = TrainingRecord(iterations=2000, loss_curve=[[1990, 0.5], [2000, 0.4178]],
+                            step_ms=[20.0, 21.03, 30.0])
+    assert final_line("mamlpp", record) == (
+        "mamlpp: 2,000 meta-iterations; meta-loss 0.4178 (mean of the last 10); 21.03 ms per "
+        "meta_step (median, without data loading and checkpoints)")
+
+
+def test_a_run_directory_given_as_checkpoint_lists_every_checkpoint(tmp_path):
+    from fastmeta.bench import load_checkpoint
+    from fastmeta.bench._checkpoint import CheckpointError
+
+    names = ["anil", "fomaml", "maml", "mamlpp", "metasgd", "random", "reptile", "transfer"]
+    (tmp_path / "checkpoints").mkdir()
+    for name in names:
+        (tmp_path / "checkpoints" / f"{name}.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is a directory; pass one of its checkpoint") as info:
+        load_checkpoint(tmp_path)
+    assert all(f"{name}.pt" in str(info.value) for name in names)
