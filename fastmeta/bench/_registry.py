@@ -14,7 +14,6 @@ benchmark chooses a class by an if-chain.
 from __future__ import annotations
 
 import difflib
-
 from pathlib import Path
 from typing import Any
 

@@ -300,18 +300,18 @@ def trained_steps(algorithm: str) -> int | None:
 
 def _beyond_training(config: SineConfig, results: dict[str, Any]) -> list[str]:
     """One paragraph naming the algorithms evaluated beyond their trained inner steps."""
-    beyond = {name: trained_steps(name) for name in results["algorithms"]}
-    beyond = {n: k for n, k in beyond.items() if k is not None and k < config.eval_steps}
+    trained = {name: trained_steps(name) for name in results["algorithms"]}
+    beyond = {n: k for n, k in trained.items() if k is not None and k < config.eval_steps}
     if not beyond:
         return []
     groups: dict[int, list[str]] = {}
     for name, steps in beyond.items():
         groups.setdefault(steps, []).append(name)
-    trained = "; ".join(f"{', '.join(names)} with {k} inner step{'s' if k != 1 else ''}"
-                        for k, names in sorted(groups.items()))
+    steps_text = "; ".join(f"{', '.join(names)} with {k} inner step{'s' if k != 1 else ''}"
+                           for k, names in sorted(groups.items()))
     learned = [LEARNED_RATES[n] for n in beyond if n in LEARNED_RATES]
     learned_steps = min(beyond[n] for n in beyond if n in LEARNED_RATES) if learned else 0
-    text = (f"Evaluated beyond their training: {trained}, but fine-tuned here for up to "
+    text = (f"Evaluated beyond their training: {steps_text}, but fine-tuned here for up to "
             f"{config.eval_steps} steps (the MAML paper's protocol). Nothing in "
             f"meta-training shapes the steps after the trained ones, so fine-tuning can "
             f"get worse or diverge there")
@@ -498,7 +498,8 @@ def _eval_text(algorithm: str, evaluation: dict[str, Any], config: SineConfig) -
     return (
         curve_table(algorithm, "query MSE", curves)
         + f"\n{algorithm}, robustness ({ROBUSTNESS_SHOTS} points from "
-        f"{list(ROBUSTNESS_RANGE)}, {config.eval_steps} steps): median {format_median_cell(robustness, digits=4)}"
+        f"{list(ROBUSTNESS_RANGE)}, {config.eval_steps} steps): median "
+        f"{format_median_cell(robustness, digits=4)}"
     )
 
 
