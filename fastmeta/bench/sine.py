@@ -316,7 +316,7 @@ def _beyond_training(config: SineConfig, results: dict[str, Any]) -> list[str]:
             f"meta-training shapes the steps after the trained ones, so fine-tuning can "
             f"get worse or diverge there")
     if learned:
-        text += (f"; {' and '.join(learned)} repeat per-parameter rates that were learned "
+        text += (f"; {' and '.join(learned)} repeat the inner learning rates they learned "
                  f"for {learned_steps} step{'s' if learned_steps != 1 else ''}, and a step "
                  f"that suits the trained step count can overshoot when repeated")
     return ["", text + "."]
