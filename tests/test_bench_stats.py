@@ -114,3 +114,16 @@ def test_a_run_directory_given_as_checkpoint_lists_every_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="is a directory; pass one of its checkpoint") as info:
         load_checkpoint(tmp_path)
     assert all(f"{name}.pt" in str(info.value) for name in names)
+
+
+def test_medians_read_back_from_json_as_strings_are_shown_as_diverged():
+    from fastmeta.bench._seeds import across_seeds
+    from fastmeta.bench._stats import format_median
+
+    cells = [{"mean": 0.3, "ci95": 0.1, "median": "inf", "diverged": 6, "tasks": 10},
+             {"mean": 0.2, "ci95": 0.1, "median": "inf", "diverged": 7, "tasks": 10},
+             {"mean": 0.4, "ci95": 0.1, "median": 0.5, "diverged": 0, "tasks": 10}]
+    combined = across_seeds(cells)
+    assert combined["median"] == math.inf and combined["diverged"] == 13
+    assert format_median(combined["median"]) == "diverged"
+    assert format_median("nan") == "diverged" and format_median(0.25) == "0.250"

@@ -84,15 +84,20 @@ def format_cell(summary: dict[str, Any], *, digits: int = 3) -> str:
     return text
 
 
+def format_median(median: float | str, *, digits: int = 3) -> str:
+    """A median as the tables show it: ``"diverged"`` when it is not finite (``"inf"`` and
+    ``"nan"`` are how ``results.json`` stores non-finite numbers)."""
+    finite = isinstance(median, (int, float)) and math.isfinite(median)
+    return _value(float(median), digits) if finite else "diverged"
+
+
 def format_median_cell(summary: dict[str, Any], *, digits: int = 3) -> str:
     """Median first, then the mean ± 95% CI over the bounded tasks, then any divergences.
 
     ``"0.351 (0.372 ± 0.021)"``; ``"0.351 (0.372 ± 0.021), 3/200 diverged"``; a median
     that falls on a diverged task reads ``"diverged"``.
     """
-    median = summary["median"]  # "inf" or "nan" once written to JSON
-    finite = isinstance(median, (int, float)) and math.isfinite(median)
-    text = _value(median, digits) if finite else "diverged"
+    text = format_median(summary["median"], digits=digits)
     if summary["mean"] is not None:
         text += f" ({_value(summary['mean'], digits)} ± {_value(summary['ci95'], digits)})"
     if summary["diverged"]:
