@@ -20,7 +20,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -68,8 +68,8 @@ def _names(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
     def parse(text: str) -> tuple[str, ...]:
         try:
             return tuple(parse_algorithms(text, choices))
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
+        except ValueError as error:  # argparse names the option itself
+            raise argparse.ArgumentTypeError(str(error).removeprefix("--algorithms: ")) from None
 
     return parse
 
@@ -132,10 +132,20 @@ def _add_bench(commands: Any, bench: Any) -> None:
     parser.set_defaults(handler=_bench, benchmark=bench.name)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, without a usage dump of many lines above a one-line error."""
+
+    def error(self, message: str) -> NoReturn:
+        usage = self.format_usage()
+        shown = usage if usage.count("\n") <= 3 else ""
+        self.exit(2, f"{shown}{self.prog}: error: {message}\n"
+                     f"(`{self.prog} --help` lists every option)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from .bench import benchmark, names
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fastmeta", description="fastmeta: meta-learning benchmarks and evaluation."
     )
     parser.add_argument("--version", action="version", version=f"fastmeta {__version__}")

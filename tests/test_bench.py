@@ -63,7 +63,7 @@ def test_bench_sine_writes_every_file_algorithm_and_cell(sine_run):
             assert curve["steps"] == [0, 1, 2]
             for summary in curve["summaries"]:
                 assert summary["tasks"] == 6
-                assert set(summary) == {"mean", "ci95", "median", "diverged", "tasks"}
+                assert set(summary) == {"mean", "ci95", "median", "diverged", "tasks", "bound"}
         expected = 0 if name == "random" else TINY["iterations"]
         assert entry["training"]["iterations"] == expected
     assert saved["config"]["iterations"] == TINY["iterations"]

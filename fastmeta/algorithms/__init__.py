@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._keywords import explain_unknown_keywords
 from .anil import ANIL
 from .daml import DAML
 from .imaml import IMAML
@@ -10,6 +11,10 @@ from .maml import FOMAML, MAML
 from .maml_plus_plus import MAMLPlusPlus
 from .meta_sgd import MetaSGD
 from .reptile import Reptile
+
+for _algorithm in (ANIL, DAML, FOMAML, IMAML, JointTraining, MAML, MAMLPlusPlus, MetaSGD,
+                   Reptile):
+    explain_unknown_keywords(_algorithm)
 
 __all__ = [
     "ANIL", "DAML", "FOMAML", "IMAML", "JointTraining", "MAML", "MAMLPlusPlus", "MetaSGD",

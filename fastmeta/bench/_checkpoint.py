@@ -78,7 +78,7 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         found = sorted(path.glob("*.pt")) or sorted((path / "checkpoints").glob("*.pt"))
-        files = ", ".join(str(p) for p in found[:4]) or "none found there"
+        files = ", ".join(str(p) for p in found) or "none found there"
         raise CheckpointError(
             f"checkpoint {str(path)!r} is a directory; pass one of its checkpoint files "
             f"({files})"

@@ -89,12 +89,24 @@ def check_out(out: Path, outputs: Iterable[str] = ()) -> Path:
     return checkpoints
 
 
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the current umask (``0o644`` usually)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (a temporary file renamed over it)."""
+    """Write ``text`` to ``path`` atomically (a temporary file renamed over it).
+
+    The file gets the mode of any newly created file (as the figures do), not the
+    owner-only ``0o600`` of the temporary file.
+    """
     handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
+        os.chmod(temporary, default_file_mode())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -24,7 +24,8 @@ OFF_SCALE_NOTE = (
     "▲ / ▼: the curve leaves the plotted range there (later values are off the scale; "
     "the numbers are in results.md)"
 )
-DIVERGED_NOTE = "✕: the values became non-finite (fine-tuning diverged) from there on"
+DIVERGED_NOTE = ("✕: fine-tuning diverged from there on (the value is non-finite, or for a "
+                 "median: half or more of the tasks diverged)")
 
 
 # One colour per algorithm in every figure (matplotlib's default cycle, in this order).

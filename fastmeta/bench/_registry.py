@@ -13,6 +13,7 @@ benchmark chooses a class by an if-chain.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,11 @@ def parse_algorithms(
     names = [name.strip().lower() for name in names if name.strip()]
     unknown = [name for name in names if name not in allowed]
     if unknown or not names:
+        close = [difflib.get_close_matches(name, allowed, n=1) for name in unknown]
+        hint = "".join(f" ({name!r}: did you mean {match[0]!r}?)"
+                       for name, match in zip(unknown, close) if match)
         raise ValueError(
-            f"--algorithms: unknown algorithm(s) {unknown or names!r}; choose from "
+            f"--algorithms: unknown algorithm(s) {unknown or names!r}{hint}; choose from "
             f"{','.join(allowed)}"
         )
     if len(set(names)) != len(names):

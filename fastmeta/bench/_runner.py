@@ -173,6 +173,19 @@ def _agree(error: BaseException | None) -> None:
         raise error
 
 
+def final_line(name: str, record: TrainingRecord) -> str:
+    """The line after a run's training: what its loss and time are, not just their values.
+
+    The progress line shows the last meta-loss and the wall time per iteration; this one
+    the mean meta-loss of the last logging window and the median ``meta_step`` time.
+    """
+    curve = record.loss_curve
+    window = curve[-1][0] - (curve[-2][0] if len(curve) > 1 else 0)
+    return (f"{name}: {record.iterations:,} meta-iterations; meta-loss {curve[-1][1]:.4f} "
+            f"(mean of the last {window:,}); {record.ms_per_iteration:.2f} ms per meta_step "
+            f"(median, without data loading and checkpoints)")
+
+
 def run_benchmark(
     benchmark: Benchmark,
     config: BenchConfig,
@@ -276,8 +289,7 @@ def _train_and_evaluate(
             continue
         record = train(run, resume=resume, checkpoint_every=config.checkpoint_every,
                        progress=progress, stop=stop, stop_after=stop_after)
-        log(f"{run.name}: {record.iterations:,} meta-iterations, final meta-loss "
-            f"{record.loss_curve[-1][1]:.4f}, {record.ms_per_iteration:.2f} ms/iteration")
+        log(final_line(run.name, record))
         records.append(record)
     if not fmd.is_main_process():  # rank 0 evaluates and writes
         return {"benchmark": benchmark.name, "config": config.as_dict(),

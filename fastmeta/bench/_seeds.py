@@ -20,6 +20,7 @@ from typing import Any
 
 from .._learner import MetaLearner
 from ._protocol import Benchmark, Outcome, RunPlan
+from ._stats import format_median
 
 # Two-sided 95% quantiles of Student's t with 1..30 degrees of freedom.
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
@@ -54,7 +55,7 @@ def across_seeds(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "mean": mean,
         "ci95": ci95,
-        "median": statistics.median(s["median"] for s in summaries),
+        "median": statistics.median(float(s["median"]) for s in summaries),  # JSON: "inf"
         "diverged": sum(s["diverged"] for s in summaries),
         "tasks": sum(s["tasks"] for s in summaries),
         "seeds": len(summaries),
@@ -156,7 +157,8 @@ def with_seeds(benchmark: Benchmark, cell: Callable[[dict[str, Any]], str],
             for label, summary in _cells(found["across_seeds"]):
                 per_seed = ", ".join(f"{m:.3g}" if abs(m) >= 1e4 else f"{m:.3f}"
                                      for m in summary["per_seed"])
-                lines.append(f"| {name} | {label} | {cell(summary)} | {summary['median']:.3f} "
+                median = format_median(summary["median"])
+                lines.append(f"| {name} | {label} | {cell(summary)} | {median} "
                              f"| {summary['diverged']}/{summary['tasks']} | {per_seed} |")
         if versus is not None:
             lines += ["", *versus(results)]

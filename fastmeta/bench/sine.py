@@ -22,12 +22,12 @@ from .._task import TaskBatch, as_task
 from ..data import BatchMetaCollate, sinusoid
 from . import _plots
 from ._config import BenchConfig, setting
-from ._evaluate import adapt_quietly, curve_table, fine_tuning_curve, per_task
+from ._evaluate import adapt_quietly, bounded_after, curve_table, fine_tuning_curve
 from ._protocol import Benchmark, RunPlan, adam
 from ._runner import run_benchmark
 from ._seeds import with_seeds
 from ._signals import StopFlag
-from ._stats import format_cell, summarize
+from ._stats import DIVERGENCE_BOUND, format_cell, format_median_cell
 
 SINE_ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "mamlpp", "imaml", "transfer",
                    "random")
@@ -241,10 +241,12 @@ def _fit_panel(learner: MetaLearner, task: TaskBatch, steps: tuple[int, ...]) ->
 def evaluate_learner(learner: MetaLearner, config: SineConfig) -> dict[str, Any]:
     """Fine-tuning curves for every ``eval_shots`` and the robustness score of one learner."""
     curves = {
-        str(shots): fine_tuning_curve(learner, evaluation_tasks(config, shots), config.eval_steps)
+        str(shots): fine_tuning_curve(learner, evaluation_tasks(config, shots), config.eval_steps,
+                                      bound=DIVERGENCE_BOUND)
         for shots in config.eval_shots
     }
-    robustness = summarize(per_task(learner, robustness_tasks(config), config.eval_steps))
+    robustness = bounded_after(learner, robustness_tasks(config), config.eval_steps,
+                               DIVERGENCE_BOUND)
     return {"curves": curves, "robustness": robustness}
 
 
@@ -264,11 +266,68 @@ def _step_columns(config: SineConfig) -> list[int]:
     )
 
 
+# Algorithms that fine-tune with rates they learned instead of plain SGD at inner_lr.
+LEARNED_RATES = {"metasgd": "Meta-SGD", "mamlpp": "MAML++"}
+
+
+def _learned_rates_note(names: list[str]) -> str:
+    learned = [LEARNED_RATES[n] for n in names if n in LEARNED_RATES]
+    return f" ({' and '.join(learned)} with their learned rates)" if learned else ""
+
+
+def _settings_note(names: list[str]) -> str:
+    notes = []
+    if "mamlpp" in names:
+        notes.append("MAML++ takes the protocol's one inner step (learned per-tensor rates; "
+                     "no BatchNorm in the MLP)")
+    if "imaml" in names:
+        notes.append(f"iMAML {IMAML_INNER_STEPS} steps with λ = {IMAML_LAM}")
+    return " " + "; ".join(notes) + "." if notes else ""
+
+
+def _bound(results: dict[str, Any]) -> str:
+    for entry in results["algorithms"].values():
+        bound = entry["evaluation"]["robustness"].get("bound")
+        if bound is not None:
+            return f"{bound:g}"
+    return f"{DIVERGENCE_BOUND:g}"
+
+
+def trained_steps(algorithm: str) -> int | None:
+    """Inner steps ``algorithm`` is meta-trained with (``None``: no inner loop in training)."""
+    return LEARNER_OPTIONS[algorithm].get("inner_steps")
+
+
+def _beyond_training(config: SineConfig, results: dict[str, Any]) -> list[str]:
+    """One paragraph naming the algorithms evaluated beyond their trained inner steps."""
+    trained = {name: trained_steps(name) for name in results["algorithms"]}
+    beyond = {n: k for n, k in trained.items() if k is not None and k < config.eval_steps}
+    if not beyond:
+        return []
+    groups: dict[int, list[str]] = {}
+    for name, steps in beyond.items():
+        groups.setdefault(steps, []).append(name)
+    steps_text = "; ".join(f"{', '.join(names)} with {k} inner step{'s' if k != 1 else ''}"
+                           for k, names in sorted(groups.items()))
+    learned = [LEARNED_RATES[n] for n in beyond if n in LEARNED_RATES]
+    learned_steps = min(beyond[n] for n in beyond if n in LEARNED_RATES) if learned else 0
+    text = (f"Evaluated beyond their training: {steps_text}, but fine-tuned here for up to "
+            f"{config.eval_steps} steps (the MAML paper's protocol). Nothing in "
+            f"meta-training shapes the steps after the trained ones, so fine-tuning can "
+            f"get worse or diverge there")
+    if learned:
+        text += (f"; {' and '.join(learned)} repeat the inner learning rates they learned "
+                 f"for {learned_steps} step{'s' if learned_steps != 1 else ''}, and a step "
+                 f"that suits the trained step count can overshoot when repeated")
+    return ["", text + "."]
+
+
 def markdown(results: dict[str, Any]) -> str:
     """``results.md``: the tables of a sine benchmark's ``results.json``."""
     config = SineConfig.from_dict(results["config"])
     columns = _step_columns(config)
     header = " | ".join(f"{s} step{'s' if s != 1 else ''}" for s in columns)
+    names = list(results["algorithms"])
     lines = [
         "# fastmeta bench sine",
         "",
@@ -277,48 +336,46 @@ def markdown(results: dict[str, Any]) -> str:
         f"points in training, inner SGD α = {config.inner_lr}, outer Adam {config.meta_lr}, "
         f"seed {config.seed}. Evaluation: {config.eval_tasks} held-out tasks, "
         f"{config.eval_query} query points each, fine-tuning with plain SGD α = "
-        f"{config.inner_lr} (Meta-SGD and MAML++ with their learned rates). MAML++ takes "
-        f"the protocol's one inner step (learned per-tensor rates; no BatchNorm in the MLP); "
-        f"iMAML {IMAML_INNER_STEPS} steps with λ = {IMAML_LAM}. Query MSE, mean ± 95% "
-        f"confidence interval (1.96·std/√n) over the tasks that did not diverge; the "
-        f"median is over all tasks. fastmeta {results['versions']['fastmeta']}, torch "
+        f"{config.inner_lr}{_learned_rates_note(names)}.{_settings_note(names)} "
+        f"fastmeta {results['versions']['fastmeta']}, torch "
         f"{results['versions']['torch']}, {_threads(results['versions']['torch_threads'])}; "
         f"wall time {_clock(results['wall_seconds'])}.",
+        "",
+        f"Each cell: the median query MSE over all tasks, then in parentheses the mean ± 95% "
+        f"confidence interval (1.96·std/√n) over the tasks that did not diverge, then how "
+        f"many diverged, if any. A task diverged when its query MSE is not finite or is more "
+        f"than {_bound(results)}× its query MSE before fine-tuning; the median counts a "
+        f"diverged task as larger than every other and reads \"diverged\" when half or more "
+        f"did.",
+        *_beyond_training(config, results),
     ]
     for shots in config.eval_shots:
         lines += [
             "",
             f"## K = {shots} support points",
             "",
-            f"| algorithm | {header} | median, {config.eval_steps} steps | diverged |",
-            "|---|" + "---|" * (len(columns) + 2),
+            f"| algorithm | {header} |",
+            "|---|" + "---|" * len(columns),
         ]
         for name, entry in results["algorithms"].items():
             summaries = entry["evaluation"]["curves"][str(shots)]["summaries"]
-            cells = " | ".join(format_cell(summaries[s]).split(" (")[0] for s in columns)
-            last = summaries[config.eval_steps]
-            lines.append(
-                f"| {name} | {cells} | {_number(last['median'])} | "
-                f"{last['diverged']}/{last['tasks']} |"
-            )
+            cells = " | ".join(format_median_cell(summaries[s]) for s in columns)
+            lines.append(f"| {name} | {cells} |")
         if shots == 5 and config.preset == "maml":
             for name, row in PAPER_K5.items():
-                cells = " | ".join(f"{row[s]:.2f}" if s in row else "" for s in columns)
-                lines.append(f"| *{name}* | {cells} | | |")
+                cells = " | ".join(f"(mean {row[s]:.2f})" if s in row else "" for s in columns)
+                lines.append(f"| *{name}* | {cells} |")
     lines += [
         "",
         f"## Robustness: {ROBUSTNESS_SHOTS} support points from {list(ROBUSTNESS_RANGE)} only, "
         f"{config.eval_steps} steps, MSE over the whole wave",
         "",
-        "| algorithm | mean ± 95% CI | median | diverged |",
-        "|---|---|---|---|",
+        "| algorithm | median (mean ± 95% CI), diverged |",
+        "|---|---|",
     ]
     for name, entry in results["algorithms"].items():
         summary = entry["evaluation"]["robustness"]
-        lines.append(
-            f"| {name} | {format_cell(summary).split(' (')[0]} | {_number(summary['median'])} | "
-            f"{summary['diverged']}/{summary['tasks']} |"
-        )
+        lines.append(f"| {name} | {format_median_cell(summary)} |")
     lines += [
         "",
         "## Training speed",
@@ -441,7 +498,8 @@ def _eval_text(algorithm: str, evaluation: dict[str, Any], config: SineConfig) -
     return (
         curve_table(algorithm, "query MSE", curves)
         + f"\n{algorithm}, robustness ({ROBUSTNESS_SHOTS} points from "
-        f"{list(ROBUSTNESS_RANGE)}, {config.eval_steps} steps): {format_cell(robustness, digits=4)}"
+        f"{list(ROBUSTNESS_RANGE)}, {config.eval_steps} steps): median "
+        f"{format_median_cell(robustness, digits=4)}"
     )
 
 

@@ -31,6 +31,7 @@ buffers are never written, as everywhere in fastmeta).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -236,6 +237,20 @@ def _has_weight_norm(module: nn.Module) -> bool:
     return any(type(hook).__name__ == "WeightNorm" for hook in module._forward_pre_hooks.values())
 
 
+# torch's notice that an op without a batching rule runs through vmap's per-example
+# fallback: slower, but exact. It came several times per adapt() (forward and backward of
+# every attention call); the engine's choice is explained by ``engine_decision`` instead.
+FALLBACK_NOTICE = "There is a performance drop because we have not yet implemented the batching"
+
+
+@contextlib.contextmanager
+def quiet_batching_fallbacks() -> Iterator[None]:
+    """Run the block without torch's per-call notice about vmap's slow, exact fallback."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=FALLBACK_NOTICE, category=UserWarning)
+        yield
+
+
 @contextlib.contextmanager
 def exact_layers(module: nn.Module, *, vectorised: bool, second_order: bool) -> Iterator[None]:
     """Run the block with the exact forms of the layers ``module`` holds.
@@ -262,6 +277,8 @@ def exact_layers(module: nn.Module, *, vectorised: bool, second_order: bool) -> 
                 stack.enter_context(_ExactFunctions(routes))
             if second_order:
                 stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            if vectorised:
+                stack.enter_context(quiet_batching_fallbacks())
             yield
     finally:
         for m in switched:

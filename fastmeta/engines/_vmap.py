@@ -48,7 +48,7 @@ from ._base import (
     OuterObjective,
     Params,
 )
-from ._exact import exact_layers
+from ._exact import exact_layers, quiet_batching_fallbacks
 
 
 def one_task(
@@ -167,6 +167,11 @@ class VmapEngine(Engine):
 
     def meta_gradient(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
                       outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
+        with quiet_batching_fallbacks():  # the backward passes run outside exact_layers
+            return self._meta_gradient(module, task, loop, outer, order=order)
+
+    def _meta_gradient(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
+                       outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
         size = self.chunk_size
         if size is None or not self.splits(task):
             return super().meta_gradient(module, task, loop, outer, order=order)
