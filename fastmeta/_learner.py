@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._example_shape import ExampleShapes, check_batch, check_single_task, support_shapes
 from ._inner_optim import InnerOptimizer, resolve_inner_optimizer
 from ._losses import Loss, label_problem, resolve_named, shape_problem
 from ._objectives import Proximal, SupervisedLoss
@@ -273,7 +274,7 @@ def resolve_loss(loss_fn: str | LossFn | None) -> LossFn:
     return loss_fn
 
 
-class MetaLearner(nn.Module):
+class MetaLearner(ExampleShapes):
     """Base class of all learners: wraps a user's ``nn.Module`` without copying it.
 
     The learner is itself an ``nn.Module``: ``learner.parameters()`` are the
@@ -341,8 +342,7 @@ class MetaLearner(nn.Module):
             )
         self.module = model
         self._selected: tuple[str, ...] | None = None if adapt is None else select(model, adapt)
-        # Shapes of one support example (each input leaf), once a batch has been seen.
-        self._example_shapes: list[tuple[int, ...]] | None = None
+        self._example_shapes = None  # one support example's shape per input leaf, once seen
         # Input signature -> (prediction shape after the examples dim, prediction dtype).
         self._output_specs: dict[Any, tuple[tuple[int, ...], torch.dtype] | None] = {}
         self.inner_lr = _check_positive_number("inner_lr", inner_lr)
@@ -529,7 +529,8 @@ class MetaLearner(nn.Module):
         """
         task = self._check_support_targets(to_model(as_task(batch), self._reference()))
         self._check_loss(task)
-        self._example_shapes = [tuple(leaf.shape[2:]) for leaf in leaves(task.support_x)]
+        check_batch(task, self._example_shapes)
+        self._example_shapes = support_shapes(task)
         return task
 
     def _supervised_inner(self) -> bool:
@@ -733,14 +734,14 @@ class MetaLearner(nn.Module):
             >>> prediction = adapted(query_x)
         """
         steps = self.inner_steps if steps is None else check_steps("steps", steps, 0)
-        self._check_not_a_batch(x)
+        self._check_not_a_batch(x, y)
         task = self._check_support_targets(to_model(single_task(x, y), self._reference()))
         self._check_loss(task, query=False)
         self._check_engine("adapt", lambda: task, steps=steps)
         output = self._adapt(task, steps)
         return AdaptedTasks(self.module, output.params, output.buffers, output.support_losses)[0]
 
-    def _check_not_a_batch(self, x: Any) -> None:
+    def _check_not_a_batch(self, x: Any, y: Any) -> None:
         """Refuse a meta-batch given to :meth:`adapt`, which adapts to one task."""
         if isinstance(x, TaskBatch) or (isinstance(x, Mapping) and any(
                 key in x for key in ("train", "test", "support", "query"))):
@@ -749,19 +750,7 @@ class MetaLearner(nn.Module):
                 f"({type(x).__name__} with support and query parts); use "
                 f"learner.adapt_many(batch) to adapt to every task of a batch"
             )
-        seen = self._example_shapes
-        if seen is None:
-            return
-        shapes = [tuple(leaf.shape) for leaf in leaves(normalise(x)) if isinstance(leaf, Tensor)]
-        if len(shapes) == len(seen) and shapes and all(
-                len(s) == len(e) + 2 and s[2:] == e for s, e in zip(shapes, seen)):
-            raise ValueError(
-                f"adapt(x, y) adapts to one task ([shots, ...] inputs), but x has shape "
-                f"{describe(x)}: one leading dimension more than the examples this learner was "
-                f"meta-trained on ({', '.join(str(e) for e in seen)} each), as a batch "
-                f"[tasks, shots, ...] would. Use learner.adapt_many(batch) for several tasks, "
-                f"or adapt(x[t], y[t]) for task t"
-            )
+        check_single_task(x, y, self._example_shapes)
 
     def adapt_many(
         self, batch: TaskBatch | Mapping[str, Any], *, steps: int | None = None
