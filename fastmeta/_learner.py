@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._diagnose import check_outer_lr, explained, non_finite_parameters, refuse_meta_model
 from ._example_shape import ExampleShapes, check_batch, check_single_task, support_shapes
 from ._inner_optim import InnerOptimizer, resolve_inner_optimizer
 from ._losses import Loss, label_problem, resolve_named, shape_problem
@@ -340,6 +341,7 @@ class MetaLearner(ExampleShapes):
                 "model has no trainable parameters (none with requires_grad=True): there is "
                 "nothing to meta-learn"
             )
+        refuse_meta_model(model)
         self.module = model
         self._selected: tuple[str, ...] | None = None if adapt is None else select(model, adapt)
         self._example_shapes = None  # one support example's shape per input leaf, once seen
@@ -672,7 +674,8 @@ class MetaLearner(ExampleShapes):
         Raises:
             DivergenceError: the meta-loss or meta-gradient is not finite; nothing was updated.
         """
-        with torch.enable_grad():  # an update needs gradients, even inside torch.no_grad()
+        # an update needs gradients, even inside torch.no_grad()
+        with torch.enable_grad(), explained(self, lambda: as_task(batch).support_x):
             return self._meta_step(batch, optimizer)
 
     def _meta_step(
@@ -735,10 +738,11 @@ class MetaLearner(ExampleShapes):
         """
         steps = self.inner_steps if steps is None else check_steps("steps", steps, 0)
         self._check_not_a_batch(x, y)
-        task = self._check_support_targets(to_model(single_task(x, y), self._reference()))
-        self._check_loss(task, query=False)
-        self._check_engine("adapt", lambda: task, steps=steps)
-        output = self._adapt(task, steps)
+        with explained(self, lambda: x):
+            task = self._check_support_targets(to_model(single_task(x, y), self._reference()))
+            self._check_loss(task, query=False)
+            self._check_engine("adapt", lambda: task, steps=steps)
+            output = self._adapt(task, steps)
         return AdaptedTasks(self.module, output.params, output.buffers, output.support_losses)[0]
 
     def _check_not_a_batch(self, x: Any, y: Any) -> None:
@@ -773,9 +777,10 @@ class MetaLearner(ExampleShapes):
             >>> mse = ((adapted(test_batch["test"][0]) - test_batch["test"][1]) ** 2).mean()
         """
         steps = self.inner_steps if steps is None else check_steps("steps", steps, 0)
-        task = self.prepare(batch)
-        self._check_engine("adapt", lambda: task, steps=steps)
-        output = self._adapt(task, steps)
+        with explained(self, lambda: as_task(batch).support_x):
+            task = self.prepare(batch)
+            self._check_engine("adapt", lambda: task, steps=steps)
+            output = self._adapt(task, steps)
         return AdaptedTasks(self.module, output.params, output.buffers, output.support_losses)
 
     def _adapt(self, task: TaskBatch, steps: int) -> Adaptation:
@@ -806,6 +811,7 @@ class MetaLearner(ExampleShapes):
                 f"optimizer must be a torch.optim.Optimizer over learner.parameters(), got "
                 f"{type(optimizer).__name__}; e.g. torch.optim.Adam(learner.parameters(), lr=1e-3)"
             )
+        check_outer_lr(optimizer)
         # Checked again only when the optimiser, its parameter groups (add_param_group, a
         # new list) or the learner's parameters (a registration) change: a set of every
         # parameter per meta-step is a fixed cost that small models feel.
@@ -845,6 +851,15 @@ class MetaLearner(ExampleShapes):
         if finite_support.all() and finite_query.all() and not bad_grads:
             return  # all finite: the fused sum overflowed
         self.zero_grad(set_to_none=True)
+        broken = non_finite_parameters(self)
+        if broken:
+            raise DivergenceError(
+                f"meta-step {meta_step}: the meta-parameters {broken[:5]} were already not "
+                f"finite before this meta-step: an earlier outer step wrote them (check the "
+                f"outer optimiser's learning rate and the meta-gradient's scale), or they were "
+                f"loaded so. Reload a checkpoint or rebuild the model",
+                meta_step=meta_step, task=None, inner_step=None,
+            )
         advice = (
             f"(inner_lr={self.inner_lr}, inner_steps={self.inner_steps}). The inner loop "
             f"diverged: try a smaller inner_lr, fewer inner_steps, or normalised inputs. "

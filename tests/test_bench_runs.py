@@ -319,6 +319,23 @@ def test_a_checkpoint_without_digests_loads_with_a_warning(maml_run, tmp_path):
     assert report["iteration"] == 12
 
 
+def test_eval_plot_into_a_file_is_refused_before_evaluating(maml_run, tmp_path, capsys):
+    (tmp_path / "figures").write_text("not a directory")
+    checkpoint = str(maml_run / "checkpoints" / "maml.pt")
+    for out in (tmp_path / "figures", tmp_path / "figures" / "sub"):
+        assert main(["eval", checkpoint, "--plot", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"--out {str(out)!r}: {str(tmp_path / 'figures')!r} is a file, but --plot " \
+            f"writes its figures into a directory" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not Path("/dev/null").exists(), reason="needs a device file")
+def test_eval_of_a_device_file_says_it_is_not_a_regular_file(capsys):
+    assert main(["eval", "/dev/null"]) == 1
+    assert "'/dev/null' is not a fastmeta checkpoint: it is not a regular file (a device, " \
+        "pipe or socket)" in capsys.readouterr().err
+
+
 def test_eval_of_a_run_directory_lists_its_checkpoints(maml_run, capsys):
     assert main(["eval", str(maml_run)]) == 1
     err = capsys.readouterr().err

@@ -113,6 +113,10 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
             f"checkpoint {str(path)!r} is a directory; pass one of its checkpoint files "
             f"({files})"
         )
+    if path.exists() and not path.is_file():
+        raise CheckpointError(NOT_A_CHECKPOINT.format(
+            path=str(path), why="it is not a regular file (a device, pipe or socket)"
+        ))
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {str(path)!r} does not exist; `fastmeta bench` writes them to "
