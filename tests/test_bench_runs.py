@@ -310,6 +310,16 @@ def test_a_byte_flipped_in_the_pickled_spec_is_refused(maml_run, tmp_path):
         load_checkpoint(tmp_path / "spec.pt")
 
 
+def test_a_bench_checkpoint_carries_the_example_shape(maml_run):
+    from fastmeta.bench._registry import load_learner
+
+    learner, _ = load_learner(maml_run / "checkpoints" / "maml.pt")
+    assert learner.example_shape == (1,)  # sine inputs: one scalar per example
+    x = torch.zeros(3, 5, 1)
+    with pytest.raises(ValueError, match=r"x has shape \(3, 5, 1\): one leading dimension more"):
+        learner.adapt(x, x)
+
+
 def test_a_checkpoint_without_digests_loads_with_a_warning(maml_run, tmp_path):
     payload = load_checkpoint(maml_run / "checkpoints" / "maml.pt")
     del payload["digests"]
