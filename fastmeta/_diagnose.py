@@ -4,8 +4,9 @@
 that reach users through their own code: an exception inside their ``loss_fn`` (with the
 shapes it was called with, per task under ``vmap``), integer inputs reaching float layers,
 and BatchNorm in train mode given one example. The other checks here run before
-anything: a model or batch on the meta device, and an outer learning rate that is not a
-finite number.
+anything: a model on the meta device, and an outer learning rate that is not a finite
+number. (A batch on the meta device is refused where batches are validated, in
+``_task.py``.)
 """
 
 from __future__ import annotations
@@ -35,15 +36,6 @@ def refuse_meta_model(model: nn.Module) -> None:
             f"{' and more' if len(on_meta) > 3 else ''}): they have shapes but no values. "
             f"Materialise it first: model.to_empty(device='cpu') and initialise it, or "
             f"model.load_state_dict(weights, assign=True)"
-        )
-
-
-def refuse_meta_tensor(where: str, tensor: Tensor) -> None:
-    """A batch tensor on the meta device has a shape and no values."""
-    if tensor.is_meta:
-        raise ValueError(
-            f"{where} is on the meta device (shape {tuple(tensor.shape)}, no values): "
-            f"build the batch on a real device (torch.device('meta') is for shapes only)"
         )
 
 
@@ -146,9 +138,22 @@ _DTYPE_MISMATCH = re.compile(
 _ONE_VALUE = "Expected more than 1 value per channel when training"
 
 
+def _raised_by_fastmeta(error: BaseException) -> bool:
+    """Whether fastmeta raised ``error`` itself (its messages are its own): the innermost
+    frame is fastmeta's, and not a torch-function mode passing a torch call on."""
+    traceback = error.__traceback__
+    if traceback is None:
+        return False
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    code = traceback.tb_frame.f_code
+    return (os.path.abspath(code.co_filename).startswith(_PACKAGE)
+            and code.co_name != "__torch_function__")
+
+
 def _inputs_error(error: BaseException, inputs: Tree | None,
                   model_dtype: torch.dtype) -> BaseException | None:
-    if inputs is None or not _DTYPE_MISMATCH.search(str(error)):
+    if inputs is None or not _DTYPE_MISMATCH.search(str(error)) or _raised_by_fastmeta(error):
         return None
     found = [leaf for leaf in leaves(inputs) if isinstance(leaf, Tensor)
              and not (leaf.is_floating_point() or leaf.is_complex())]
@@ -166,7 +171,7 @@ def _inputs_error(error: BaseException, inputs: Tree | None,
 
 def _batch_norm_error(error: BaseException) -> BaseException | None:
     text = str(error)
-    if _ONE_VALUE not in text:
+    if _ONE_VALUE not in text or _raised_by_fastmeta(error):
         return None
     shape = text.split("got input size ")[-1].strip() if "got input size" in text else "?"
     return ValueError(
