@@ -280,7 +280,10 @@ class MetaLearner(ExampleShapes):
 
     The learner is itself an ``nn.Module``: ``learner.parameters()`` are the
     meta-parameters (the model's, plus any the algorithm learns, such as Meta-SGD's
-    rates), ``learner(x)`` runs the model, and ``state_dict()`` saves everything.
+    rates), ``learner(x)`` runs the model, and ``state_dict()`` saves everything,
+    including ``learner.example_shape``, the shape of one support example (recorded from
+    the batches it meets, or set), against which ``adapt`` and ``meta_step`` check that no
+    task dimension is missing or extra.
 
     BatchNorm and other buffers: the inner loop runs on functional copies whose buffers
     are cloned from the model, so ``adapt`` and ``meta_step`` never change the model's
