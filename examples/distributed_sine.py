@@ -26,6 +26,7 @@ import torch
 
 import fastmeta
 import fastmeta.distributed as fmd
+from fastmeta.bench import load_checkpoint, save_checkpoint
 from fastmeta.data import BatchMetaDataLoader, sinusoid
 
 
@@ -45,8 +46,8 @@ def main() -> None:
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
     start = 0
     if args.resume:  # every rank loads the checkpoint: weights and optimiser state
-        # weights_only=True: tensors and plain data only, never code from the file
-        state = torch.load(args.checkpoint, map_location=device, weights_only=True)
+        # tensors and plain data only, never code; each tensor checked against its digest
+        state = load_checkpoint(args.checkpoint)
         learner.load_state_dict(state["learner"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["iteration"]
@@ -66,7 +67,7 @@ def main() -> None:
     if fmd.is_main_process():
         state = {"learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
                  "iteration": args.iterations}  # fmt: skip
-        torch.save(state, args.checkpoint)
+        save_checkpoint(args.checkpoint, state)  # atomic, with a SHA-256 digest per tensor
         checksum = sum(float(p.detach().double().sum()) for p in learner.parameters())
         print(f"{fmd.world_size()} process(es): final meta-loss "
               f"{result.loss if result else float('nan'):.6f}, parameter checksum "

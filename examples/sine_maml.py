@@ -23,6 +23,7 @@ import time
 import torch
 
 import fastmeta
+from fastmeta.bench import load_checkpoint, save_checkpoint
 from fastmeta.data import BatchMetaDataLoader, sinusoid
 
 
@@ -42,8 +43,8 @@ def evaluate(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--algorithm", choices=["maml", "fomaml", "reptile"], default="maml")
-    parser.add_argument("--save", help="write the meta-trained learner's state_dict here")
-    parser.add_argument("--load", help="load a saved state_dict instead of training")
+    parser.add_argument("--save", help="write the meta-trained learner's checkpoint here")
+    parser.add_argument("--load", help="load a saved checkpoint instead of training")
     parser.add_argument("--iterations", type=int, default=5000)
     parser.add_argument("--quick", action="store_true", help="1,000 iterations")
     parser.add_argument("--seed", type=int, default=0)
@@ -69,7 +70,8 @@ def main() -> None:
         held_out_tasks, batch_size=100))).values() for t in part))
 
     if args.load:
-        learner.load_state_dict(torch.load(args.load, weights_only=True))
+        # tensors and plain data only, each tensor checked against its SHA-256 digest
+        learner.load_state_dict(load_checkpoint(args.load)["state_dict"])
         print(f"loaded {args.load}")
         iterations = 0
     else:
@@ -83,7 +85,7 @@ def main() -> None:
                   f"({1000 * elapsed / iteration:.1f} ms/iteration)")
 
     if args.save:
-        torch.save(learner.state_dict(), args.save)
+        save_checkpoint(args.save, {"state_dict": learner.state_dict()})  # atomic, digested
         print(f"saved the meta-trained weights to {args.save}")
 
     print(f"\nquery MSE on 100 held-out tasks, K={shots}, inner SGD lr=0.01:")

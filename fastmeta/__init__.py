@@ -20,6 +20,7 @@ from importlib.metadata import version as _version
 from types import ModuleType as _ModuleType
 
 from . import distributed, engines, models
+from ._example_shape import AmbiguousShapeWarning
 from ._gradcheck import GradcheckReport, gradcheck
 from ._inner_optim import INNER_OPTIMIZERS
 from ._learner import (
@@ -61,6 +62,7 @@ __all__ = [
     "MAML",
     "MAMLPlusPlus",
     "AdaptedModel",
+    "AmbiguousShapeWarning",
     "AdaptedTasks",
     "DivergenceError",
     "GradcheckReport",

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._diagnose import check_outer_lr, explained, non_finite_parameters, refuse_meta_model
+from ._example_shape import ExampleShapes, check_batch, check_single_task, support_shapes
 from ._inner_optim import InnerOptimizer, resolve_inner_optimizer
 from ._losses import Loss, label_problem, resolve_named, shape_problem
 from ._objectives import Proximal, SupervisedLoss
@@ -273,12 +275,15 @@ def resolve_loss(loss_fn: str | LossFn | None) -> LossFn:
     return loss_fn
 
 
-class MetaLearner(nn.Module):
+class MetaLearner(ExampleShapes):
     """Base class of all learners: wraps a user's ``nn.Module`` without copying it.
 
     The learner is itself an ``nn.Module``: ``learner.parameters()`` are the
     meta-parameters (the model's, plus any the algorithm learns, such as Meta-SGD's
-    rates), ``learner(x)`` runs the model, and ``state_dict()`` saves everything.
+    rates), ``learner(x)`` runs the model, and ``state_dict()`` saves everything,
+    including ``learner.example_shape``, the shape of one support example (recorded from
+    the batches it meets, or set), against which ``adapt`` and ``meta_step`` check that no
+    task dimension is missing or extra.
 
     BatchNorm and other buffers: the inner loop runs on functional copies whose buffers
     are cloned from the model, so ``adapt`` and ``meta_step`` never change the model's
@@ -339,10 +344,10 @@ class MetaLearner(nn.Module):
                 "model has no trainable parameters (none with requires_grad=True): there is "
                 "nothing to meta-learn"
             )
+        refuse_meta_model(model)
         self.module = model
         self._selected: tuple[str, ...] | None = None if adapt is None else select(model, adapt)
-        # Shapes of one support example (each input leaf), once a batch has been seen.
-        self._example_shapes: list[tuple[int, ...]] | None = None
+        self._example_shapes = None  # one support example's shape per input leaf, once seen
         # Input signature -> (prediction shape after the examples dim, prediction dtype).
         self._output_specs: dict[Any, tuple[tuple[int, ...], torch.dtype] | None] = {}
         self.inner_lr = _check_positive_number("inner_lr", inner_lr)
@@ -529,7 +534,8 @@ class MetaLearner(nn.Module):
         """
         task = self._check_support_targets(to_model(as_task(batch), self._reference()))
         self._check_loss(task)
-        self._example_shapes = [tuple(leaf.shape[2:]) for leaf in leaves(task.support_x)]
+        check_batch(task, self._example_shapes)
+        self._example_shapes = support_shapes(task)
         return task
 
     def _supervised_inner(self) -> bool:
@@ -671,7 +677,8 @@ class MetaLearner(nn.Module):
         Raises:
             DivergenceError: the meta-loss or meta-gradient is not finite; nothing was updated.
         """
-        with torch.enable_grad():  # an update needs gradients, even inside torch.no_grad()
+        # an update needs gradients, even inside torch.no_grad()
+        with torch.enable_grad(), explained(self, lambda: as_task(batch).support_x):
             return self._meta_step(batch, optimizer)
 
     def _meta_step(
@@ -733,14 +740,15 @@ class MetaLearner(nn.Module):
             >>> prediction = adapted(query_x)
         """
         steps = self.inner_steps if steps is None else check_steps("steps", steps, 0)
-        self._check_not_a_batch(x)
-        task = self._check_support_targets(to_model(single_task(x, y), self._reference()))
-        self._check_loss(task, query=False)
-        self._check_engine("adapt", lambda: task, steps=steps)
-        output = self._adapt(task, steps)
+        self._check_not_a_batch(x, y)
+        with explained(self, lambda: x):
+            task = self._check_support_targets(to_model(single_task(x, y), self._reference()))
+            self._check_loss(task, query=False)
+            self._check_engine("adapt", lambda: task, steps=steps)
+            output = self._adapt(task, steps)
         return AdaptedTasks(self.module, output.params, output.buffers, output.support_losses)[0]
 
-    def _check_not_a_batch(self, x: Any) -> None:
+    def _check_not_a_batch(self, x: Any, y: Any) -> None:
         """Refuse a meta-batch given to :meth:`adapt`, which adapts to one task."""
         if isinstance(x, TaskBatch) or (isinstance(x, Mapping) and any(
                 key in x for key in ("train", "test", "support", "query"))):
@@ -749,19 +757,7 @@ class MetaLearner(nn.Module):
                 f"({type(x).__name__} with support and query parts); use "
                 f"learner.adapt_many(batch) to adapt to every task of a batch"
             )
-        seen = self._example_shapes
-        if seen is None:
-            return
-        shapes = [tuple(leaf.shape) for leaf in leaves(normalise(x)) if isinstance(leaf, Tensor)]
-        if len(shapes) == len(seen) and shapes and all(
-                len(s) == len(e) + 2 and s[2:] == e for s, e in zip(shapes, seen)):
-            raise ValueError(
-                f"adapt(x, y) adapts to one task ([shots, ...] inputs), but x has shape "
-                f"{describe(x)}: one leading dimension more than the examples this learner was "
-                f"meta-trained on ({', '.join(str(e) for e in seen)} each), as a batch "
-                f"[tasks, shots, ...] would. Use learner.adapt_many(batch) for several tasks, "
-                f"or adapt(x[t], y[t]) for task t"
-            )
+        check_single_task(x, y, self._example_shapes)
 
     def adapt_many(
         self, batch: TaskBatch | Mapping[str, Any], *, steps: int | None = None
@@ -784,9 +780,10 @@ class MetaLearner(nn.Module):
             >>> mse = ((adapted(test_batch["test"][0]) - test_batch["test"][1]) ** 2).mean()
         """
         steps = self.inner_steps if steps is None else check_steps("steps", steps, 0)
-        task = self.prepare(batch)
-        self._check_engine("adapt", lambda: task, steps=steps)
-        output = self._adapt(task, steps)
+        with explained(self, lambda: as_task(batch).support_x):
+            task = self.prepare(batch)
+            self._check_engine("adapt", lambda: task, steps=steps)
+            output = self._adapt(task, steps)
         return AdaptedTasks(self.module, output.params, output.buffers, output.support_losses)
 
     def _adapt(self, task: TaskBatch, steps: int) -> Adaptation:
@@ -817,6 +814,7 @@ class MetaLearner(nn.Module):
                 f"optimizer must be a torch.optim.Optimizer over learner.parameters(), got "
                 f"{type(optimizer).__name__}; e.g. torch.optim.Adam(learner.parameters(), lr=1e-3)"
             )
+        check_outer_lr(optimizer)
         # Checked again only when the optimiser, its parameter groups (add_param_group, a
         # new list) or the learner's parameters (a registration) change: a set of every
         # parameter per meta-step is a fixed cost that small models feel.
@@ -856,6 +854,15 @@ class MetaLearner(nn.Module):
         if finite_support.all() and finite_query.all() and not bad_grads:
             return  # all finite: the fused sum overflowed
         self.zero_grad(set_to_none=True)
+        broken = non_finite_parameters(self)
+        if broken:
+            raise DivergenceError(
+                f"meta-step {meta_step}: the meta-parameters {broken[:5]} were already not "
+                f"finite before this meta-step: an earlier outer step wrote them (check the "
+                f"outer optimiser's learning rate and the meta-gradient's scale), or they were "
+                f"loaded so. Reload a checkpoint or rebuild the model",
+                meta_step=meta_step, task=None, inner_step=None,
+            )
         advice = (
             f"(inner_lr={self.inner_lr}, inner_steps={self.inner_steps}). The inner loop "
             f"diverged: try a smaller inner_lr, fewer inner_steps, or normalised inputs. "

@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
 from ._tree import Tree, describe, first_leaf, is_tree_node, leaves, normalise, tree_map
+
+# Integer dtypes of class labels that torch's losses refuse (they index with int64).
+_NARROW_INTEGERS = (torch.int8, torch.int16, torch.int32)
 
 # Accepted spellings of the two halves of a task, at the data boundary.
 _SUPPORT_KEYS = ("support", "train")
@@ -151,6 +155,11 @@ def _leaf_shapes(name: str, value: Tree) -> list[tuple[str, Tensor]]:
             for position, sub in enumerate(item):
                 visit(f"{where}[{position}]", sub)
         elif isinstance(item, Tensor):
+            if item.is_meta:
+                raise ValueError(
+                    f"{where} is on the meta device (shape {tuple(item.shape)}, no values): "
+                    f"build the batch on a real device (the meta device is for shapes only)"
+                )
             found.append((where, item))
         else:
             held = "" if where == name else f" holding a {type(item).__name__} at {where}"
@@ -213,20 +222,34 @@ def validate_task(task: TaskBatch) -> None:
             "the support set is empty (0 examples per task): the inner loop needs at least one "
             "example to adapt on"
         )
+    if heads["query_x"][1] == 0:
+        raise ValueError(
+            "the query set is empty (0 examples per task): the meta-loss is the query loss "
+            "after adaptation, so each task needs at least one query example (adapt_many "
+            "only adapts: pass the support set as the query set there)"
+        )
 
 
 def to_model(task: TaskBatch, reference: Tensor) -> TaskBatch:
     """Move a task to the device of ``reference`` and cast floating tensors to its dtype.
 
-    Integer targets (class labels) keep their dtype. torchmeta's toy datasets yield
-    float64 while models are usually float32; casting here spares users that error.
+    torchmeta's toy datasets yield float64 while models are usually float32; casting here
+    spares users that error. Integer targets narrower than int64 (class labels as int32)
+    become int64, which torch's losses index with (``vmap`` accepted int32 where the
+    per-task engines did not); integer inputs (token ids) keep their dtype.
     """
 
     def move(value: Tensor) -> Tensor:
         dtype = reference.dtype if value.is_floating_point() else value.dtype
         return value.to(device=reference.device, dtype=dtype)
 
-    return TaskBatch(*(tree_map(move, value) for value in task))
+    def move_target(value: Tensor) -> Tensor:
+        if value.dtype in _NARROW_INTEGERS:
+            return value.to(device=reference.device, dtype=torch.int64)
+        return move(value)
+
+    return TaskBatch(*(tree_map(move_target if name.endswith("_y") else move, value)
+                       for name, value in zip(TaskBatch._fields, task)))
 
 
 def single_task(x: Tree, y: Tree | None, name_x: str = "x", name_y: str = "y") -> TaskBatch:

@@ -47,8 +47,7 @@ def _daml(model: nn.Module, **options: Any) -> fastmeta.MetaLearner:
 
 
 def _maml_plus_plus(model: nn.Module, **options: Any) -> fastmeta.MetaLearner:
-    return fastmeta.MAMLPlusPlus(model, inner_lr=0.01, inner_steps=2,
-                                 per_step_batch_norm=_has_batch_norm(model), **options)
+    return fastmeta.MAMLPlusPlus(model, inner_lr=0.01, inner_steps=2, **options)
 
 
 ALGORITHMS: dict[str, Algorithm] = {

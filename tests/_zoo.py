@@ -197,6 +197,19 @@ class _Buffers(nn.Module):
         return self.head(torch.tanh(self.body(x) * self.scale + self.shift))
 
 
+class _PrototypeHead(nn.Module):
+    """A prototypical-network-style metric head: class scores are minus the Euclidean
+    distances (``torch.cdist``) from the embedded input to learned class prototypes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(3, 4)
+        self.prototypes = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return -torch.cdist(torch.tanh(self.body(x)), self.prototypes)
+
+
 def _batchnorm(dims: int, *, train: bool, track: bool) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         torch.manual_seed(0)
@@ -328,6 +341,7 @@ ZOO: dict[str, Entry] = {
     "tied-weights": Entry(_module(_Tied), _randn(3)),
     "frozen-weights": Entry(_module(_Frozen), _randn(3)),
     "buffers": Entry(_module(_Buffers), _randn(3)),
+    "cdist-prototypes": Entry(_module(_PrototypeHead), _randn(3), classes=3),
 }
 
 

@@ -22,6 +22,7 @@ from fastmeta.bench import (
     OutDirError,
     RunLock,
     RunLocked,
+    UnverifiedCheckpointWarning,
     benchmark,
     load_checkpoint,
     names,
@@ -235,6 +236,16 @@ def _edited(source: Path, target: Path, edit) -> Path:  # type: ignore[no-untype
     return target
 
 
+def _flipped(source: Path, target: Path) -> Path:
+    """``source`` with the lowest mantissa byte of one weight flipped, as a bad disk would."""
+    weight = load_checkpoint(source)["state_dict"]["module.body.0.weight"]
+    data = bytearray(source.read_bytes())
+    at = bytes(data).index(weight.numpy().tobytes())  # torch.save stores tensors uncompressed
+    data[at] ^= 0x01  # little-endian float32: a change of about 1e-7 relative
+    target.write_bytes(bytes(data))
+    return target
+
+
 def _bad_checkpoints(maml_run: Path, folder: Path) -> dict[str, tuple[Path, str]]:
     good = maml_run / "checkpoints" / "maml.pt"
     folder.mkdir(parents=True, exist_ok=True)
@@ -249,6 +260,10 @@ def _bad_checkpoints(maml_run: Path, folder: Path) -> dict[str, tuple[Path, str]
     truncated = folder / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:200])
     return {
+        "flipped byte": (_flipped(good, folder / "flipped.pt"),
+                         r".pt' is damaged: tensor 'state_dict/module.body.0.weight' "
+                         r"no longer matches the SHA-256 digest written with it.*delete it "
+                         r"and retrain"),
         "missing spec": (_edited(good, folder / "nospec.pt", lambda p: p.pop("spec")),
                          r"lacks its 'spec' entry \(how to rebuild the learner\)"),
         "relabelled": (_edited(good, folder / "relabelled.pt", relabel),
@@ -262,7 +277,7 @@ def _bad_checkpoints(maml_run: Path, folder: Path) -> dict[str, tuple[Path, str]
 
 
 @pytest.mark.parametrize("case", ["missing spec", "relabelled", "size mismatch", "objects",
-                                  "truncated"])
+                                  "truncated", "flipped byte"])
 def test_eval_of_a_bad_checkpoint_names_the_file_and_the_problem(case, maml_run, tmp_path,
                                                                  capsys):
     path, message = _bad_checkpoints(maml_run, tmp_path)[case]
@@ -274,7 +289,8 @@ def test_eval_of_a_bad_checkpoint_names_the_file_and_the_problem(case, maml_run,
     assert "weights_only=False" not in err and "Re-running" not in err
 
 
-@pytest.mark.parametrize("case", ["missing spec", "relabelled", "size mismatch", "truncated"])
+@pytest.mark.parametrize("case", ["missing spec", "relabelled", "size mismatch", "truncated",
+                                  "flipped byte"])
 def test_resume_over_a_bad_checkpoint_is_refused_before_training(case, maml_run, tmp_path):
     path, message = _bad_checkpoints(maml_run, tmp_path / "bad")[case]
     out = tmp_path / "run"
@@ -283,6 +299,51 @@ def test_resume_over_a_bad_checkpoint_is_refused_before_training(case, maml_run,
     with pytest.raises(CheckpointError, match=message):
         _sine(out, resume=True, algorithms=("fomaml", "maml"))
     assert not (out / "checkpoints" / "fomaml.pt").exists()
+
+
+def test_a_byte_flipped_in_the_pickled_spec_is_refused(maml_run, tmp_path):
+    good = maml_run / "checkpoints" / "maml.pt"
+    data = good.read_bytes()
+    at = data.index(b"maml", data.index(b"algorithm"))
+    (tmp_path / "spec.pt").write_bytes(data[:at] + b"mbml" + data[at + 4:])
+    with pytest.raises(CheckpointError, match=r"spec.pt' is damaged: its spec no longer"):
+        load_checkpoint(tmp_path / "spec.pt")
+
+
+def test_a_bench_checkpoint_carries_the_example_shape(maml_run):
+    from fastmeta.bench._registry import load_learner
+
+    learner, _ = load_learner(maml_run / "checkpoints" / "maml.pt")
+    assert learner.example_shape == (1,)  # sine inputs: one scalar per example
+    x = torch.zeros(3, 5, 1)
+    with pytest.raises(ValueError, match=r"x has shape \(3, 5, 1\): one leading dimension more"):
+        learner.adapt(x, x)
+
+
+def test_a_checkpoint_without_digests_loads_with_a_warning(maml_run, tmp_path):
+    payload = load_checkpoint(maml_run / "checkpoints" / "maml.pt")
+    del payload["digests"]
+    torch.save({**payload, "format_version": 1}, tmp_path / "old.pt")  # an older release
+    with pytest.warns(UnverifiedCheckpointWarning, match=r"old.pt' has no digests"):
+        report = evaluate_checkpoint(tmp_path / "old.pt")
+    assert report["iteration"] == 12
+
+
+def test_eval_plot_into_a_file_is_refused_before_evaluating(maml_run, tmp_path, capsys):
+    (tmp_path / "figures").write_text("not a directory")
+    checkpoint = str(maml_run / "checkpoints" / "maml.pt")
+    for out in (tmp_path / "figures", tmp_path / "figures" / "sub"):
+        assert main(["eval", checkpoint, "--plot", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"--out {str(out)!r}: {str(tmp_path / 'figures')!r} is a file, but --plot " \
+            f"writes its figures into a directory" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not Path("/dev/null").exists(), reason="needs a device file")
+def test_eval_of_a_device_file_says_it_is_not_a_regular_file(capsys):
+    assert main(["eval", "/dev/null"]) == 1
+    assert "'/dev/null' is not a fastmeta checkpoint: it is not a regular file (a device, " \
+        "pipe or socket)" in capsys.readouterr().err
 
 
 def test_eval_of_a_run_directory_lists_its_checkpoints(maml_run, capsys):

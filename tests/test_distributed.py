@@ -9,10 +9,13 @@ is bounded by ``TIMEOUT`` seconds.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections import OrderedDict
 from pathlib import Path
 from types import ModuleType
@@ -205,3 +208,64 @@ def test_one_process_job_equals_no_job(tmp_path: Path) -> None:
     assert [r.loss for r in results[0]] == [r.loss for r in results[1]]
     for a, b in zip(plain.state_dict().values(), parallel.state_dict().values()):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- SIGTERM to a torchrun job
+
+SINE = ["bench", "sine", "--algorithms", "maml", "--iterations", "600", "--meta-batch-size",
+        "2", "--train-shots", "2", "--eval-shots", "2", "--eval-steps", "1", "--eval-tasks",
+        "4", "--eval-query", "4", "--checkpoint-every", "10", "--no-plots", "--quiet"]
+
+
+def _bench_job(args: list[str]) -> list[subprocess.Popen[str]]:
+    """``fastmeta ARGS`` on two gloo processes, with torchrun's environment variables."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    return [subprocess.Popen([sys.executable, "-m", "fastmeta", *args], cwd=ROOT,
+                             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for r in range(2)]
+
+
+def _finish(procs: list[subprocess.Popen[str]]) -> list[tuple[int, str]]:
+    try:
+        return [(p.wait(timeout=TIMEOUT), p.communicate()[1]) for p in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the two-process run hung for more than {TIMEOUT} s")
+    finally:
+        for p in procs:
+            p.kill()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_both_ranks_together_and_resume_equals_an_uninterrupted_run(
+        tmp_path: Path) -> None:
+    from fastmeta.bench import load_checkpoint
+
+    out = tmp_path / "interrupted"
+    procs = _bench_job([*SINE, "--out", str(out)])
+    checkpoint = out / "checkpoints" / "maml.pt"
+    deadline = time.monotonic() + TIMEOUT
+    while not checkpoint.exists():  # both ranks train, with their signal handlers set
+        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+            pytest.fail(f"no checkpoint appeared: {[p.communicate() for p in procs]}")
+        time.sleep(0.02)
+    for p in procs:  # as torchrun's agent forwards it to every worker
+        p.send_signal(signal.SIGTERM)
+    (status0, err0), (status1, err1) = _finish(procs)
+    assert (status0, status1) == (143, 143), (err0[-2000:], err1[-2000:])
+    stopped = load_checkpoint(checkpoint)
+    assert 10 <= stopped["iteration"] < 600 and not stopped["complete"]
+    assert f"stopped by SIGTERM after meta-iteration {stopped['iteration']} of 600" in err0
+    assert [p.name for p in checkpoint.parent.iterdir()] == ["maml.pt"]  # no partial file
+    resumed = _finish(_bench_job([*SINE, "--out", str(out), "--resume"]))
+    whole = _finish(_bench_job([*SINE, "--out", str(tmp_path / "whole")]))
+    assert [s for s, _ in resumed + whole] == [0, 0, 0, 0], [e[-2000:] for _, e in resumed + whole]
+    one = load_checkpoint(checkpoint)["state_dict"]
+    two = load_checkpoint(tmp_path / "whole" / "checkpoints" / "maml.pt")["state_dict"]
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    results = [json.loads((d / "results.json").read_text())["algorithms"]["maml"]
+               for d in (out, tmp_path / "whole")]
+    assert results[0]["training"]["loss_curve"] == results[1]["training"]["loss_curve"]
+    assert results[0]["evaluation"] == results[1]["evaluation"]
+

@@ -28,8 +28,9 @@ INNER_LR, STEPS = 0.1, 2
 
 
 class _ReferenceForms(torch.overrides.TorchFunctionMode):
-    """The reference's own embedding bag (torch's kernel has no second derivative) and
-    weight norm (torch's second derivative of ``torch._weight_norm`` is wrong)."""
+    """The reference's own embedding bag and Euclidean ``torch.cdist`` (torch's kernels
+    have no second derivative) and weight norm (torch's second derivative of
+    ``torch._weight_norm`` is wrong)."""
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
         kwargs = kwargs or {}
@@ -38,6 +39,10 @@ class _ReferenceForms(torch.overrides.TorchFunctionMode):
             assert kwargs.get("mode", "mean") == "mean" and ids.dim() == 2
             keep = (ids != kwargs["padding_idx"]).to(weight.dtype).unsqueeze(-1)
             return (weight[ids] * keep).sum(1) / keep.sum(1).clamp_min(1)
+        if func is torch.cdist:
+            x1, x2 = args
+            assert kwargs.get("p", 2.0) == 2.0
+            return ((x1[:, None, :] - x2[None, :, :]) ** 2).sum(-1).sqrt()
         if func is torch._weight_norm:
             v, g, dim = args
             assert dim == 0

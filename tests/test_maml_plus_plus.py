@@ -133,9 +133,50 @@ def test_adapting_for_more_steps_than_trained_reuses_the_last_step():
     torch.testing.assert_close(adapted.params["1.weight"], learner.step_norms["1-weight"][-1])
 
 
+def _sine_tasks(generator: torch.Generator, tasks: int, shots: int = 10) -> fastmeta.TaskBatch:
+    """The MAML paper's sine tasks: A ~ U[0.1, 5], phase ~ U[0, pi], x ~ U[-5, 5]."""
+    amplitude = 0.1 + 4.9 * torch.rand(tasks, 1, 1, generator=generator)
+    phase = torch.pi * torch.rand(tasks, 1, 1, generator=generator)
+    x = -5 + 10 * torch.rand(tasks, 2 * shots, 1, generator=generator)
+    y = amplitude * torch.sin(x - phase)
+    return fastmeta.TaskBatch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
+
+
+def _adapted_query_mse(learner: fastmeta.MetaLearner, task: fastmeta.TaskBatch) -> float:
+    with torch.no_grad():
+        prediction = learner.adapt_many(task)(task.query_x)
+    return float(((prediction - task.query_y) ** 2).mean())
+
+
+def test_defaults_learn_sine_waves_with_an_mlp():
+    torch.manual_seed(0)
+    learner = fastmeta.MAMLPlusPlus(fastmeta.models.SineMLP(), inner_lr=0.01, inner_steps=3)
+    assert not learner.step_norms and learner.step_parameters() is None  # no BatchNorm
+    generator = torch.Generator().manual_seed(0)
+    held_out = _sine_tasks(torch.Generator().manual_seed(1), tasks=200)
+    before = _adapted_query_mse(learner, held_out)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=3e-3)
+    for _ in range(200):
+        learner.meta_step(_sine_tasks(generator, tasks=10), optimizer)
+    after = _adapted_query_mse(learner, held_out)
+    # Predicting 0 scores E[A^2]/2 = 4.2; measured here: 3.9 untrained, 1.5 after 200 steps.
+    assert after < 0.5 * before, (before, after)
+
+
+def test_per_step_batch_norm_defaults_to_whether_the_model_has_affine_batch_norm():
+    assert fastmeta.MAMLPlusPlus(_model(), inner_lr=0.1).step_parameters() is not None
+    plain = nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 1))
+    assert fastmeta.MAMLPlusPlus(plain, inner_lr=0.1).step_parameters() is None
+    assert fastmeta.MAMLPlusPlus(_model(), inner_lr=0.1,
+                                 per_step_batch_norm=False).step_parameters() is None
+
+
 def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="per_step_batch_norm=True, but the model has no "
                                          "BatchNorm.*per_step_batch_norm=False"):
-        fastmeta.MAMLPlusPlus(nn.Linear(1, 1), inner_lr=0.1)
+        fastmeta.MAMLPlusPlus(nn.Linear(1, 1), inner_lr=0.1, per_step_batch_norm=True)
+    with pytest.raises(TypeError, match=r"per_step_batch_norm must be True, False or None "
+                                        r".*got 'yes'"):
+        fastmeta.MAMLPlusPlus(_model(), inner_lr=0.1, per_step_batch_norm="yes")
     with pytest.raises(ValueError, match="multi_step_iterations must be >= 1"):
         fastmeta.MAMLPlusPlus(_model(), inner_lr=0.1, multi_step_iterations=0)

@@ -61,7 +61,9 @@ class MAMLPlusPlus(MetaLearner):
         learned_rates: learn one rate per inner step and parameter tensor (LSLR).
         per_step_batch_norm: BatchNorm weights and biases per inner step (BNWB): the
             model's own before the first update, then ``step_norms`` row ``s - 1`` after
-            ``s`` updates; they are meta-learned, not adapted.
+            ``s`` updates; they are meta-learned, not adapted. ``None`` (the default): on
+            where the model has BatchNorm with trainable affine weights, off elsewhere (an
+            MLP); ``True`` on a model without them is an error.
         first_order_iterations: first-order meta-gradients for this many meta-steps, then
             second order (derivative-order annealing, DA); 0 switches it off.
         loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine, adapt:
@@ -87,7 +89,7 @@ class MAMLPlusPlus(MetaLearner):
         multi_step_loss: bool = True,
         multi_step_iterations: int = 5000,
         learned_rates: bool = True,
-        per_step_batch_norm: bool = True,
+        per_step_batch_norm: bool | None = None,
         first_order_iterations: int = 0,
         loss_fn: str | LossFn | None = None,
         inner_optimizer: str | type[torch.optim.Optimizer] = "sgd",
@@ -108,7 +110,13 @@ class MAMLPlusPlus(MetaLearner):
         self.first_order_iterations = check_steps("first_order_iterations",
                                                   first_order_iterations, 0)
         named = dict(model.named_parameters())
-        self._norm_names = self._batch_norm_parameters(model) if per_step_batch_norm else ()
+        if per_step_batch_norm is not None and not isinstance(per_step_batch_norm, bool):
+            raise TypeError(
+                f"per_step_batch_norm must be True, False or None (on where the model has "
+                f"affine BatchNorm), got {per_step_batch_norm!r}"
+            )
+        norms = self._batch_norm_parameters(model)
+        self._norm_names = norms if per_step_batch_norm in (True, None) else ()
         if per_step_batch_norm and not self._norm_names:
             raise ValueError(
                 "per_step_batch_norm=True, but the model has no BatchNorm layer with trainable "

@@ -8,7 +8,12 @@ Example:
 
 from __future__ import annotations
 
-from ._checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ._checkpoint import (
+    CheckpointError,
+    UnverifiedCheckpointWarning,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ._config import BenchConfig, setting
 from ._evaluate_checkpoint import evaluate_checkpoint
 from ._outdir import OutDirError, RunLock, RunLocked
@@ -32,6 +37,7 @@ __all__ = [
     "RunPlan",
     "StopFlag",
     "TrainingDiverged",
+    "UnverifiedCheckpointWarning",
     "benchmark",
     "evaluate_checkpoint",
     "load_checkpoint",

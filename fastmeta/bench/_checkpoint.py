@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ._digests import digests, mismatches
+
 FORMAT = "fastmeta.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a "digests" entry (SHA-256 per tensor and of the spec)
 
 # Entries every learner checkpoint holds, with what each is for (named in errors).
 REQUIRED = {
@@ -32,8 +35,25 @@ UNSAFE = (
 )
 
 
+DAMAGED = (
+    "{path!r} is damaged: {what} no longer match{es} the SHA-256 digest{s} written with "
+    "{them}, so the file changed on disk or in a copy after fastmeta wrote it (its weights "
+    "would be garbage). Copy it again from where it came from, or delete it and retrain "
+    "(`fastmeta bench ... --resume` starts that run afresh)"
+)
+UNVERIFIED = (
+    "{path!r} has no digests (written by fastmeta before checkpoint format 2), so damage "
+    "to its bytes cannot be detected; it is loaded unchecked. Save it again with "
+    "fastmeta.bench.save_checkpoint to add them"
+)
+
+
 class CheckpointError(ValueError):
     """A checkpoint file cannot be used: foreign, corrupt, inconsistent or mismatched."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint from an older fastmeta has no digests: damage would go unnoticed."""
 
 
 def temporary_prefix(path: Path) -> str:
@@ -41,17 +61,20 @@ def temporary_prefix(path: Path) -> str:
     return path.name + "."
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+def save_checkpoint(path: Path | str, payload: dict[str, Any]) -> None:
     """Write ``payload`` to ``path`` atomically: a crash leaves the previous file intact.
 
     The payload is written to a temporary file in the same directory, flushed to disk and
     renamed over ``path`` (an atomic replace on POSIX and Windows). A process killed
     mid-write leaves ``<name>.<random>.tmp``, which the next run into the same output
-    directory removes.
+    directory removes. The file carries a SHA-256 digest of every tensor and of
+    ``payload["spec"]`` (a ``"digests"`` entry, replacing any in ``payload``), which
+    :func:`load_checkpoint` verifies.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
+    payload = {**payload, "format": FORMAT, "format_version": FORMAT_VERSION}
+    payload["digests"] = digests(payload)
     handle, temporary = tempfile.mkstemp(
         prefix=temporary_prefix(path), suffix=".tmp", dir=path.parent
     )
@@ -69,11 +92,18 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain data only).
 
+    Every tensor and the spec are checked against the SHA-256 digests written with them.
+
     Raises:
         FileNotFoundError: ``path`` does not exist.
         CheckpointError: the file is not a fastmeta checkpoint (foreign, corrupt,
-            truncated, or holding objects other than tensors and plain data), or is from
-            a newer format. The message never advises ``weights_only=False``.
+            truncated, or holding objects other than tensors and plain data), is from
+            a newer format, or its bytes changed since it was written (a digest differs).
+            The message never advises ``weights_only=False``.
+
+    Warns:
+        UnverifiedCheckpointWarning: the checkpoint is from an older fastmeta and has no
+            digests to check.
     """
     path = Path(path)
     if path.is_dir():
@@ -83,6 +113,10 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
             f"checkpoint {str(path)!r} is a directory; pass one of its checkpoint files "
             f"({files})"
         )
+    if path.exists() and not path.is_file():
+        raise CheckpointError(NOT_A_CHECKPOINT.format(
+            path=str(path), why="it is not a regular file (a device, pipe or socket)"
+        ))
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {str(path)!r} does not exist; `fastmeta bench` writes them to "
@@ -115,7 +149,29 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
             f"{str(path)!r} has checkpoint format {version!r}, newer than this fastmeta reads "
             f"({FORMAT_VERSION}); upgrade fastmeta"
         )
+    verify(path, payload)
     return payload
+
+
+def verify(path: Path | str, payload: dict[str, Any]) -> None:
+    """Compare ``payload`` with its digests; warn when it has none (an older checkpoint).
+
+    Raises:
+        CheckpointError: a tensor or the spec differs from its digest, naming the file,
+            what differs and what to do.
+    """
+    if "digests" not in payload:
+        warnings.warn(UNVERIFIED.format(path=str(path)), UnverifiedCheckpointWarning,
+                      stacklevel=3)
+        return
+    found = mismatches(payload)
+    if found:
+        what = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        many = len(found) > 1
+        raise CheckpointError(DAMAGED.format(
+            path=str(path), what=what, es="" if many else "es", s="s" if many else "",
+            them="them" if many else "it",
+        ))
 
 
 def check_learner_payload(path: Path | str, payload: dict[str, Any]) -> None:

@@ -23,6 +23,16 @@ def _progress(payload: dict[str, Any]) -> tuple[int, int]:
     return done, int(total)
 
 
+def _check_plot_dir(plot_dir: Path) -> None:
+    """Refuse a figure directory that is a file, or lies under one."""
+    for folder in (plot_dir, *plot_dir.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(
+                f"--out {str(plot_dir)!r}: {str(folder)!r} is a file, but --plot writes its "
+                f"figures into a directory; pass a directory (new or existing) as --out"
+            )
+
+
 def evaluate_checkpoint(
     path: Path | str,
     *,
@@ -55,9 +65,11 @@ def evaluate_checkpoint(
     Raises:
         FileNotFoundError: ``path`` does not exist.
         CheckpointError: ``path`` is not a usable checkpoint.
-        ValueError: an override this benchmark does not take.
+        ValueError: an override this benchmark does not take, or ``plot_dir`` is a file.
     """
     path = Path(path)
+    if plot_dir is not None:  # before minutes of evaluation
+        _check_plot_dir(Path(plot_dir))
     learner, payload = load_learner(path)
     spec = payload["spec"]
     if spec["benchmark"] not in names():

@@ -25,6 +25,7 @@ from fastmeta.data._classification import (
 )
 from fastmeta.data._digits import Digits
 from fastmeta.data._domain_shift import DomainShiftSinusoid, UnlabelledTask
+from fastmeta.data._images import ImageArrayDataset
 from fastmeta.data._loaders import (
     BatchMetaCollate,
     BatchMetaDataLoader,
@@ -54,7 +55,7 @@ from fastmeta.data._toy import (
     sinusoid,
 )
 from fastmeta.data._transforms import Categorical, Rotation
-from fastmeta.data._vision import CIFARFS, FC100, ImageArrayDataset, MiniImagenet, Omniglot
+from fastmeta.data._vision import CIFARFS, FC100, MiniImagenet, Omniglot
 
 __all__ = [
     "CIFARFS",

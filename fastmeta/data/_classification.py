@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from fastmeta.data._images import ImageDataset, float_dtype
 from fastmeta.data._protocol import META_SPLITS, ClassDataset, CombinationMetaDataset, Task
 from fastmeta.data._transforms import Rotation
 
@@ -194,10 +195,18 @@ class ClassTask(Task):
 
     def _stack(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
         vectorisable = self.augmentation is None or isinstance(self.augmentation, Rotation)
-        if not isinstance(self.source, TensorDataset) or self.transform or not vectorisable:
+        if self.transform or not vectorisable:
             return None
         rows = torch.as_tensor(self.members[np.asarray(indices, dtype=np.int64)])
-        x = self.source.tensors[0].index_select(0, rows)
+        if isinstance(self.source, TensorDataset):
+            x = self.source.tensors[0].index_select(0, rows)
+        elif isinstance(self.source, ImageDataset):
+            images = self.source.rows(rows)
+            if images is None:
+                return None
+            x = images
+        else:
+            return None
         if self.augmentation is not None:
             x = self.augmentation(x)
         return x, torch.full((len(rows),), self.label, dtype=torch.long)
@@ -380,8 +389,8 @@ def _import_pil() -> Any:
     return Image
 
 
-class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
-    """Images in class folders, as ``(image, class index)`` pairs.
+class ImageFolderDataset(ImageDataset):
+    """Images in class folders, as ``(image, class index)`` pairs (read on every access).
 
     Accepts the Omniglot layout ``root/alphabet/character/*.png`` and the flat
     layout ``root/class/*.png``: a folder that holds images directly is a class,
@@ -426,9 +435,7 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
     ) -> None:
         if mode not in ("L", "RGB"):
             raise ValueError(f"mode must be 'L' (grey) or 'RGB', got {mode!r}")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        self.dtype = dtype
+        self.dtype = float_dtype(dtype)
         self._image = _import_pil()
         self.root = Path(root)
         if not self.root.is_dir():
@@ -458,7 +465,7 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
         self.targets = [label for _, label in self.samples]
         if verify:
             for index in range(len(self.samples)):
-                self._read(index)
+                self.pixels(index)
 
     def _images_in(self, folder: Path) -> list[Path]:
         return sorted(
@@ -488,11 +495,8 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
                 raise self._empty_class(folder)
         return folders
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _read(self, index: int) -> np.ndarray:
-        """Pixels of image ``index`` in ``[0, 1]``; ``OSError`` naming the file if unreadable."""
+    def pixels(self, index: int) -> torch.Tensor:
+        """Bytes ``[C, H, W]`` of image ``index``; ``OSError`` naming the file if unreadable."""
         path, label = self.samples[index]
         try:
             with self._image.open(path) as image:
@@ -500,20 +504,15 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
                 if self.image_size is not None:
                     height, width = self.image_size
                     image = image.resize((width, height), self._image.Resampling.BILINEAR)
-                return np.asarray(image, dtype=np.float32) / 255.0
+                array = np.asarray(image, dtype=np.uint8)
         except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for bad files
             raise OSError(
                 f"cannot read image {str(path)!r} (class {self.classes[label]!r}): "
                 f"{type(error).__name__}: {error}; replace or remove the file "
                 f"(ImageFolderDataset(..., verify=True) checks every image up front)"
             ) from error
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        label = self.samples[index][1]
-        array = self._read(index)
-        pixels = torch.from_numpy(array)
-        pixels = pixels.unsqueeze(0) if pixels.dim() == 2 else pixels.permute(2, 0, 1)
-        return pixels.to(self.dtype).contiguous(), label
+        pixels = torch.from_numpy(array.copy())
+        return pixels.unsqueeze(0) if pixels.dim() == 2 else pixels.permute(2, 0, 1)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

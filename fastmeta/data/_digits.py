@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
 
 from fastmeta.data._classification import DEFAULT_CLASS_SPLITS, ClassSplits, FewShotDataset
+from fastmeta.data._images import ImageArrayDataset
 from fastmeta.data._transforms import Rotation
 
 
@@ -24,8 +24,8 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
             "(or pip install scikit-learn)"
         ) from error
     bunch = load_digits()
-    images = np.asarray(bunch.images, dtype=np.float64) / 16.0  # pixel values are 0..16
-    return images, np.asarray(bunch.target, dtype=np.int64)
+    images = np.asarray(bunch.images, dtype=np.uint8)  # pixel values are 0..16
+    return images[:, None], np.asarray(bunch.target, dtype=np.int64)
 
 
 class Digits(FewShotDataset):
@@ -82,12 +82,9 @@ class Digits(FewShotDataset):
         dtype: torch.dtype = torch.float32,
         seed: int | None = None,
     ) -> None:
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         images, digits = _load_digits()
-        data = TensorDataset(
-            torch.from_numpy(images).to(dtype).unsqueeze(1), torch.from_numpy(digits)
-        )
+        data = ImageArrayDataset(images, digits, [str(d) for d in range(10)], dtype=dtype,
+                                 scale=16.0)
         super().__init__(
             data,
             num_classes_per_task,

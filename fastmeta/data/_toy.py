@@ -217,7 +217,8 @@ class NumberedTasks(MetaDataset):
 
 
 class _ToyRegression(NumberedTasks):
-    """Shared plumbing: validation, task count, vectorised per-index draws.
+    """Shared plumbing: torchmeta's constructor arguments, validation, task count
+    (``_default_num_tasks`` when not given), vectorised per-index draws.
 
     Subclasses set how many uniforms they use per task (``_param_draws``) and
     per sample (``_sample_draws``), and implement ``_generate``. Two more
@@ -226,22 +227,24 @@ class _ToyRegression(NumberedTasks):
 
     _param_draws = 0
     _sample_draws = 0
+    _default_num_tasks = 1_000_000
     num_support: int | None = None
 
     def __init__(
         self,
         num_samples_per_task: int,
-        num_tasks: int,
-        noise_std: float | None,
-        transform: Callable[[Any], Any] | None,
-        target_transform: Callable[[Any], Any] | None,
-        dataset_transform: Callable[[Any], Any] | None,
+        num_tasks: int | None = None,
+        noise_std: float | None = None,
+        transform: Callable[[Any], Any] | None = None,
+        target_transform: Callable[[Any], Any] | None = None,
+        dataset_transform: Callable[[Any], Any] | None = None,
         *,
-        dtype: torch.dtype,
-        seed: int | None,
+        dtype: torch.dtype = torch.float32,
+        seed: int | None = None,
     ) -> None:
         self.num_samples_per_task = _check_int("num_samples_per_task", num_samples_per_task, 1)
-        self.num_tasks = _check_int("num_tasks", num_tasks, 1)
+        self.num_tasks = _check_int(
+            "num_tasks", self._default_num_tasks if num_tasks is None else num_tasks, 1)
         if noise_std is not None and not (math.isfinite(noise_std) and noise_std >= 0):
             raise ValueError(f"noise_std must be None or a finite number >= 0, got {noise_std!r}")
         self.noise_std = noise_std
@@ -494,7 +497,7 @@ class Harmonic(_ToyRegression):
 
     Args:
         num_samples_per_task: Samples per task.
-        num_tasks: Number of distinct tasks.
+        num_tasks: Number of distinct tasks (default 5000).
         noise_std: Standard deviation of Gaussian noise added to targets.
         transform: Applied to each input.
         target_transform: Applied to each target.
@@ -509,29 +512,7 @@ class Harmonic(_ToyRegression):
 
     _param_draws = 8
     _sample_draws = 2
-
-    def __init__(
-        self,
-        num_samples_per_task: int,
-        num_tasks: int = 5000,
-        noise_std: float | None = None,
-        transform: Callable[[Any], Any] | None = None,
-        target_transform: Callable[[Any], Any] | None = None,
-        dataset_transform: Callable[[Any], Any] | None = None,
-        *,
-        dtype: torch.dtype = torch.float32,
-        seed: int | None = None,
-    ) -> None:
-        super().__init__(
-            num_samples_per_task,
-            num_tasks,
-            noise_std,
-            transform,
-            target_transform,
-            dataset_transform,
-            dtype=dtype,
-            seed=seed,
-        )
+    _default_num_tasks = 5000
 
     def _generate(
         self, params: np.ndarray, draws: np.ndarray
@@ -570,7 +551,7 @@ class SinusoidAndLine(_ToyRegression):
 
     Args:
         num_samples_per_task: Samples per task.
-        num_tasks: Number of distinct tasks.
+        num_tasks: Number of distinct tasks (default 1,000,000).
         noise_std: Standard deviation of Gaussian noise added to targets.
         transform: Applied to each input.
         target_transform: Applied to each target.
@@ -586,29 +567,6 @@ class SinusoidAndLine(_ToyRegression):
 
     _param_draws = 3
     _sample_draws = 1
-
-    def __init__(
-        self,
-        num_samples_per_task: int,
-        num_tasks: int = 1_000_000,
-        noise_std: float | None = None,
-        transform: Callable[[Any], Any] | None = None,
-        target_transform: Callable[[Any], Any] | None = None,
-        dataset_transform: Callable[[Any], Any] | None = None,
-        *,
-        dtype: torch.dtype = torch.float32,
-        seed: int | None = None,
-    ) -> None:
-        super().__init__(
-            num_samples_per_task,
-            num_tasks,
-            noise_std,
-            transform,
-            target_transform,
-            dataset_transform,
-            dtype=dtype,
-            seed=seed,
-        )
 
     def _generate(
         self, params: np.ndarray, draws: np.ndarray

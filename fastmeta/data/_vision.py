@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from fastmeta.data._classification import FewShotDataset, _import_pil
 from fastmeta.data._download import fetch_archive
+from fastmeta.data._images import ImageArrayDataset, float_dtype
 from fastmeta.data._protocol import resolve_meta_split
 from fastmeta.data._transforms import Rotation
 
@@ -40,51 +40,6 @@ def load_split(name: str) -> dict[str, Any]:
     and its ``source``."""
     with open(_SPLITS_DIR / f"{name}.json", encoding="utf-8") as stream:
         return dict(json.load(stream))
-
-
-def _float_dtype(dtype: Any) -> torch.dtype:
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    return dtype
-
-
-class ImageArrayDataset(Dataset[tuple[torch.Tensor, int]]):
-    """``uint8`` images ``[N, C, H, W]`` kept as bytes, read as floats in ``[0, 1]``.
-
-    Args:
-        images: ``uint8`` array or tensor ``[N, C, H, W]``.
-        targets: One class index per image.
-        classes: Class names, indexed by the targets.
-        dtype: Floating dtype of the images returned.
-    """
-
-    def __init__(
-        self,
-        images: np.ndarray | torch.Tensor,
-        targets: Sequence[int] | np.ndarray,
-        classes: Sequence[str],
-        *,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        self.images = torch.as_tensor(images)
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(
-                f"images must be uint8 [N, C, H, W], got {self.images.dtype} "
-                f"{list(self.images.shape)}"
-            )
-        self.targets = [int(t) for t in targets]
-        if len(self.targets) != len(self.images):
-            raise ValueError(
-                f"{len(self.targets)} targets for {len(self.images)} images; give one each"
-            )
-        self.classes = list(classes)
-        self.dtype = _float_dtype(dtype)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index].to(self.dtype) / 255.0, self.targets[index]
 
 
 def _save_cache(path: Path, **arrays: np.ndarray) -> None:
@@ -219,7 +174,7 @@ class Omniglot(_VisionFewShot):
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         self.root = Path(root).expanduser() / self.folder
         self.image_size = image_size
-        images = self._load(download, _float_dtype(dtype))
+        images = self._load(download, float_dtype(dtype))
         if use_vinyals_split:
             table = load_split("omniglot_vinyals")
             splits = {s: table[s] for s in ("train", "val", "test")}
@@ -358,7 +313,7 @@ class MiniImagenet(_VisionFewShot):
     ) -> None:
         split = resolve_meta_split(meta_train, meta_val, meta_test, meta_split)
         self.root = Path(root).expanduser() / self.folder
-        images = self._load(split, download, _float_dtype(dtype))
+        images = self._load(split, download, float_dtype(dtype))
         self._build(
             images, {split: images.classes}, num_classes_per_task, split, transform,
             target_transform, dataset_transform, class_augmentations, seed,
@@ -459,7 +414,7 @@ class _CIFAR100FewShot(_VisionFewShot):
     ) -> None:
         split = resolve_meta_split(meta_train, meta_val, meta_test, meta_split)
         self.root = Path(root).expanduser() / self.folder
-        images, coarse = self._load(download, _float_dtype(dtype))
+        images, coarse = self._load(download, float_dtype(dtype))
         self._build(
             images, self._splits(images.classes, coarse), num_classes_per_task, split,
             transform, target_transform, dataset_transform, class_augmentations, seed,
@@ -578,4 +533,4 @@ class FC100(_CIFAR100FewShot):
         }
 
 
-__all__ = ["CIFARFS", "FC100", "ImageArrayDataset", "MiniImagenet", "Omniglot"]
+__all__ = ["CIFARFS", "FC100", "MiniImagenet", "Omniglot"]

@@ -203,7 +203,8 @@ def data_parallel(
     if not isinstance(learner, MetaLearner):
         raise TypeError(f"learner must be a fastmeta.MetaLearner, got {type(learner).__name__}")
     require_distributed("fastmeta.distributed.data_parallel")
-    state = learner.state_dict(keep_vars=True)
+    state = {name: value for name, value in learner.state_dict(keep_vars=True).items()
+             if name != "_extra_state"}  # the example shape each rank records as it runs
     signature = [(name, tuple(t.shape), str(t.dtype)) for name, t in state.items()]
     signatures: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(signatures, signature, group=group)

@@ -11,8 +11,10 @@ Measured on torch 2.13 (float64, against a per-task loop and finite differences)
   kernels: the same kernels given no weight, with the weight and bias applied after them,
   are exact (float64, two second-order inner steps, against their definitions in a
   per-task loop), and cost less than the normalisations written out.
-- On any engine, the CPU kernels of scaled-dot-product attention and of embedding bags
-  have no second derivative ("derivative for ... is not implemented"), and the second
+- On any engine, the CPU kernels of scaled-dot-product attention and of embedding bags,
+  and ``torch.cdist`` and ``torch.pdist`` (the pairwise distances of metric heads such as
+  prototypical networks'), have no second derivative ("derivative for ... is not
+  implemented"), and the second
   derivative of ``torch._weight_norm`` (weight normalisation) is wrong (relative errors
   of 1e-3 after one inner step, 1e-1 after two, against finite differences).
 
@@ -20,8 +22,10 @@ While an engine runs, :func:`exact_layers` routes those functional calls (``F.ba
 ``F.layer_norm``, ``F.instance_norm``, ``F.embedding``, ``F.embedding_bag``,
 ``torch._weight_norm``) to forms that differentiate correctly to any order under ``vmap``,
 and selects the math kernel of scaled-dot-product attention for second-order
-meta-gradients. Outputs are unchanged; running statistics are never updated (the model's
-buffers are never written, as everywhere in fastmeta).
+meta-gradients; ``torch.cdist`` and ``torch.pdist`` go to their definitions for
+second-order meta-gradients of models that call them (:func:`cdist`). Outputs are
+unchanged; running statistics are never updated (the model's buffers are never written, as
+everywhere in fastmeta).
 
 :func:`refused_layer` names the layers no engine can run exactly (an embedding with
 ``max_norm`` rewrites its weight in place on every forward), and
@@ -31,7 +35,9 @@ buffers are never written, as everywhere in fastmeta).
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -180,19 +186,80 @@ def embedding_bag(
     return torch.where(present.sum(-1, keepdim=True) > 0, masked, torch.zeros_like(masked))
 
 
+def _safe_root(total: Tensor, p: float) -> Tensor:
+    """``total ** (1/p)`` whose gradients of every order are 0 where ``total`` is 0 (as
+    torch's kernels define the gradient of a zero distance), not inf or nan."""
+    positive = total > 0
+    root = torch.where(positive, total, torch.ones_like(total)) ** (1.0 / p)
+    return torch.where(positive, root, torch.zeros_like(root))
+
+
+def _minkowski(difference: Tensor, p: float) -> Tensor:
+    """The ``p``-norm over the last dimension of ``difference``, from its definition."""
+    if p == 0:  # the count of differing coordinates: piecewise constant, no gradient
+        return (difference != 0).to(difference.dtype).sum(-1)
+    if math.isinf(p):
+        return difference.abs().amax(-1)
+    if p == 1:
+        return difference.abs().sum(-1)
+    if p == 2:
+        return _safe_root((difference * difference).sum(-1), 2.0)
+    return _safe_root((difference.abs() ** p).sum(-1), p)
+
+
+def cdist(x1: Tensor, x2: Tensor, p: float = 2.0,
+          compute_mode: str = "use_mm_for_euclid_dist_if_necessary") -> Tensor:
+    """``torch.cdist`` from its definition, differentiable to any order.
+
+    ``out[..., i, j] = ‖x1[..., i, :] − x2[..., j, :]‖_p``. torch's kernel has no second
+    derivative (``_cdist_backward``); this form holds every coordinate difference at once
+    (``[..., rows1, rows2, features]``), exact where the matrix-product form of large
+    Euclidean inputs (``compute_mode``) loses digits to cancellation.
+    """
+    if p < 0:
+        raise ValueError(f"cdist only supports non-negative p values, got p={p}")
+    return _minkowski(x1.unsqueeze(-2) - x2.unsqueeze(-3), float(p))
+
+
+def pdist(input: Tensor, p: float = 2.0) -> Tensor:
+    """``torch.pdist`` (distances between the rows of ``input``, upper triangle, row-major)
+    from its definition, differentiable to any order."""
+    if p < 0:
+        raise ValueError(f"pdist only supports non-negative p values, got p={p}")
+    rows, columns = torch.triu_indices(input.shape[-2], input.shape[-2], offset=1,
+                                       device=input.device)
+    return _minkowski(input[..., rows, :] - input[..., columns, :], float(p))
+
+
+# Routed for second-order meta-gradients of models seen calling them. Which models do is
+# learned on their first second-order run (routed, and watched); a torch-function mode
+# over every later call of a model that never calls them would cost 5-10% of a small
+# model's meta-step for nothing.
+_METRIC_ROUTES: dict[Callable[..., Any], Callable[..., Tensor]] = {
+    torch.cdist: cdist,
+    torch.pdist: pdist,
+}
+_CALLS_METRIC: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
 class _ExactFunctions(torch.overrides.TorchFunctionMode):
-    """Sends the functional calls in ``routes`` to their replacements."""
+    """Sends the functional calls in ``routes`` to their replacements (``used``: those
+    that were called)."""
 
     def __init__(self, routes: dict[Callable[..., Any], Callable[..., Tensor]]) -> None:
         super().__init__()
         self.routes = routes
+        self.used: set[Callable[..., Any]] = set()
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
     ) -> Any:
         kwargs = kwargs or {}
         route = self.routes.get(func)
-        return func(*args, **kwargs) if route is None else route(*args, **kwargs)
+        if route is None:
+            return func(*args, **kwargs)
+        self.used.add(func)
+        return route(*args, **kwargs)
 
 
 def weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
@@ -260,10 +327,13 @@ def exact_layers(module: nn.Module, *, vectorised: bool, second_order: bool) -> 
         vectorised: the block runs under ``vmap`` (normalisation and embedding layers are
             replaced, and BatchNorm skips its running-statistics update).
         second_order: the block is differentiated twice (attention uses the math kernel,
-            fixed-length embedding bags become embedding + reduction, weight norm is
-            computed from its definition).
+            fixed-length embedding bags become embedding + reduction, weight norm and
+            pairwise distances are computed from their definitions).
     """
     routes = _routes(module, vectorised=vectorised, second_order=second_order)
+    watching = second_order and module not in _CALLS_METRIC
+    if second_order and _CALLS_METRIC.get(module, True):
+        routes.update(_METRIC_ROUTES)
     switched = []
     if vectorised:  # in-place statistics updates (and their counter) cannot run under vmap
         switched = [m for m in structure(module).modules
@@ -273,13 +343,14 @@ def exact_layers(module: nn.Module, *, vectorised: bool, second_order: bool) -> 
         m.track_running_stats = False
     try:
         with contextlib.ExitStack() as stack:
-            if routes:
-                stack.enter_context(_ExactFunctions(routes))
+            mode = stack.enter_context(_ExactFunctions(routes)) if routes else None
             if second_order:
                 stack.enter_context(sdpa_kernel(SDPBackend.MATH))
             if vectorised:
                 stack.enter_context(quiet_batching_fallbacks())
             yield
+            if watching and mode is not None:
+                _CALLS_METRIC[module] = bool(mode.used & set(_METRIC_ROUTES))
     finally:
         for m in switched:
             m.track_running_stats = True
