@@ -25,6 +25,7 @@ from fastmeta.data._classification import (
 )
 from fastmeta.data._digits import Digits
 from fastmeta.data._domain_shift import DomainShiftSinusoid, UnlabelledTask
+from fastmeta.data._hf import HFFewShotDataset, HFInputs, hf_few_shot
 from fastmeta.data._loaders import (
     BatchMetaCollate,
     BatchMetaDataLoader,
@@ -74,6 +75,8 @@ __all__ = [
     "DomainShiftSinusoid",
     "FewShotDataset",
     "FewShotImageFolder",
+    "HFFewShotDataset",
+    "HFInputs",
     "Harmonic",
     "HarmonicTask",
     "ImageArrayDataset",
@@ -92,6 +95,7 @@ __all__ = [
     "SubsetTask",
     "Task",
     "UnlabelledTask",
+    "hf_few_shot",
     "no_collate",
     "sinusoid",
 ]

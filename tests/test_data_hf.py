@@ -1,0 +1,143 @@
+"""N-way K-shot tasks from a local Hugging Face ``datasets.Dataset`` (no hub access)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import fastmeta
+from fastmeta.data import BatchMetaDataLoader, HFFewShotDataset, hf_few_shot
+
+datasets = pytest.importorskip("datasets")
+
+ROWS = 120  # 12 classes x 10 rows
+
+
+def rows(label_names: bool = False) -> Any:
+    """Row ``i`` has input ``[i, -i]`` and class ``i % 12``: every input names its row."""
+    data = {"x": [[float(i), -float(i)] for i in range(ROWS)],
+            "text": [f"row {i}" for i in range(ROWS)],
+            "label": [i % 12 for i in range(ROWS)]}
+    if not label_names:
+        return datasets.Dataset.from_dict(data)
+    features = datasets.Features({
+        "x": datasets.Sequence(datasets.Value("float32")), "text": datasets.Value("string"),
+        "label": datasets.ClassLabel(names=[f"class-{c}" for c in range(12)])})
+    return datasets.Dataset.from_dict(data, features=features)
+
+
+def first_batch(tasks: Any, batch_size: int = 4, **loader: Any) -> Any:
+    return next(iter(BatchMetaDataLoader(tasks, batch_size=batch_size, **loader)))
+
+
+def test_tasks_are_n_way_k_shot_over_the_classes_of_one_split() -> None:
+    tasks = hf_few_shot(rows(), ways=3, shots=2, test_shots=4, input_column="x", seed=0)
+    batch = first_batch(tasks)
+    (sx, sy), (qx, qy) = batch["train"], batch["test"]
+    assert sx.shape == (4, 6, 2) and qx.shape == (4, 12, 2)
+    assert sy.dtype == torch.long and sorted(sy[0].tolist()) == [0, 0, 1, 1, 2, 2]
+    train_classes = set(tasks.dataset.labels)
+    for t in range(4):
+        support_rows = sx[t, :, 0].long().tolist()
+        query_rows = qx[t, :, 0].long().tolist()
+        assert not set(support_rows) & set(query_rows)  # support and query rows differ
+        by_target: dict[int, set[int]] = {}
+        for row, target in zip(support_rows + query_rows, sy[t].tolist() + qy[t].tolist()):
+            by_target.setdefault(target, set()).add(row % 12)
+        # each target is one original class, three distinct classes, all of meta-train
+        assert all(len(c) == 1 for c in by_target.values()) and len(by_target) == 3
+        assert set().union(*by_target.values()) <= train_classes
+
+
+def test_class_splits_are_disjoint_and_fixed_by_split_seed() -> None:
+    splits = {s: set(HFFewShotDataset(rows(), 2, input_column="x", meta_split=s,
+                                      seed=0).dataset.labels)
+              for s in ("train", "val", "test")}
+    assert sum(len(c) for c in splits.values()) == 12
+    assert not (splits["train"] & splits["val"] or splits["train"] & splits["test"]
+                or splits["val"] & splits["test"])
+    again = HFFewShotDataset(rows(), 2, input_column="x", meta_split="val", seed=5)
+    assert set(again.dataset.labels) == splits["val"]
+    named = HFFewShotDataset(rows(), 2, input_column="x", class_splits={
+        "train": [0, 1, 2, 3], "test": [4, 5]}, meta_split="test", seed=0)
+    assert named.dataset.labels == [4, 5]
+
+
+def test_same_seed_same_tasks_in_any_number_of_workers() -> None:
+    def batch(seed: int, **loader: Any) -> Any:
+        tasks = hf_few_shot(rows(), ways=3, shots=2, input_column="x", seed=seed)
+        return first_batch(tasks, **loader)["train"][0]
+
+    assert torch.equal(batch(7), batch(7))
+    assert torch.equal(batch(7), batch(7, num_workers=2))
+    assert not torch.equal(batch(7), batch(8))
+
+
+def test_a_transform_of_the_row_builds_keyword_inputs() -> None:
+    def tokenise(row: dict[str, Any]) -> dict[str, torch.Tensor]:
+        ids = torch.tensor([ord(c) % 32 for c in row["text"].ljust(8)[:8]])
+        return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+    tasks = hf_few_shot(rows(label_names=True), ways=2, shots=1, test_shots=1,
+                        transform=tokenise, seed=0)
+    batch = first_batch(tasks, batch_size=3)
+    assert batch["train"][0]["input_ids"].shape == (3, 2, 8)
+    assert tasks.dataset.dataset.classes == [f"class-{c}" for c in range(12)]
+    assert "class-" in tasks.dataset.describe_class(0)
+
+
+class Classifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x / ROWS)
+
+
+def test_hf_tasks_flow_into_meta_step() -> None:
+    tasks = hf_few_shot(rows(), ways=3, shots=2, test_shots=3, input_column="x", seed=0)
+    learner = fastmeta.MAML(Classifier(), inner_lr=0.5, loss_fn="cross_entropy")
+    optimizer = torch.optim.Adam(learner.parameters(), 1e-2)
+    before = [p.detach().clone() for p in learner.parameters()]
+    losses = [learner.meta_step(batch, optimizer).loss
+              for batch, _ in zip(BatchMetaDataLoader(tasks, batch_size=4), range(3))]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(a, b) for a, b in zip(before, learner.parameters()))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"label_column": "y", "input_column": "x"}, ValueError,
+         r"label_column='y' is not a column of the dataset; its columns are \['x', 'text', "),
+        ({"input_column": "pixels"}, ValueError, "input_column='pixels' is not a column"),
+        ({}, ValueError, "give exactly one of input_column .* or transform"),
+        ({"input_column": "x", "transform": len}, ValueError,
+         "give exactly one of input_column"),
+        ({"transform": 3}, TypeError, "transform must be a function of one row.*int"),
+    ],
+    ids=["label-column", "input-column", "neither", "both", "transform"],
+)
+def test_bad_columns_are_named(kwargs: dict[str, Any], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        HFFewShotDataset(rows(), 2, **kwargs)
+
+
+def test_a_dataset_dict_or_a_list_is_refused_with_the_fix() -> None:
+    with pytest.raises(TypeError, match=r"datasets.Dataset .*got list"):
+        HFFewShotDataset([1, 2, 3], 2, input_column="x")
+    splits = datasets.DatasetDict({"train": rows()})
+    with pytest.raises(TypeError, match=r"got DatasetDict; for a DatasetDict pick a split"):
+        HFFewShotDataset(splits, 2, input_column="x")
+
+
+def test_too_few_classes_for_the_ways_is_an_error() -> None:
+    with pytest.raises(
+        ValueError, match="num_classes_per_task=9 but the meta-train split has only 8"
+    ):
+        hf_few_shot(rows(), ways=9, shots=1, input_column="x", seed=0)
