@@ -11,6 +11,7 @@ from __future__ import annotations
 from ._checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ._config import BenchConfig, setting
 from ._evaluate_checkpoint import evaluate_checkpoint
+from ._loggers import LOG_FORMATS, RunLog, write_logs
 from ._outdir import OutDirError, RunLock, RunLocked
 from ._progress import Progress
 from ._protocol import Benchmark, Outcome, RunPlan, benchmark, names
@@ -20,6 +21,7 @@ from ._stats import summarize
 from ._train import TrainingDiverged
 
 __all__ = [
+    "LOG_FORMATS",
     "BenchConfig",
     "Benchmark",
     "CheckpointError",
@@ -29,6 +31,7 @@ __all__ = [
     "Progress",
     "RunLock",
     "RunLocked",
+    "RunLog",
     "RunPlan",
     "StopFlag",
     "TrainingDiverged",
@@ -41,4 +44,5 @@ __all__ = [
     "setting",
     "stop_on_signals",
     "summarize",
+    "write_logs",
 ]
