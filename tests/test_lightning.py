@@ -28,10 +28,8 @@ lightning = pytest.importorskip("lightning")
 from fastmeta.lightning import MetaModule  # noqa: E402
 
 pytestmark = [
-    # Lightning's own advice (loader workers, loggers) and a deprecation inside Lightning
+    # Lightning's advice for training runs (no val_dataloader, a small log interval)
     pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
-    pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning"),
-    pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
