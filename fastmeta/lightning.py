@@ -189,8 +189,9 @@ class MetaModule(lightning.LightningModule):
         result: MetaStepResult = self.learner.meta_step(self._local(batch), optimizer)
         tasks = int(result.task_losses.shape[0])
         self.log("train/meta_loss", result.loss, prog_bar=True, batch_size=tasks)
-        self.log("train/support_loss", float(result.support_losses[:, 0].mean()),
-                 batch_size=tasks)
+        if result.support_losses.numel():  # learners without an inner loop have none
+            self.log("train/support_loss", float(result.support_losses[:, 0].mean()),
+                     batch_size=tasks)
         return torch.tensor(result.loss)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
