@@ -39,7 +39,6 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     ) from error
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed as _distributed
 from ._learner import MetaLearner, MetaStepResult, check_steps
@@ -168,13 +167,11 @@ class MetaModule(lightning.LightningModule):
     # ------------------------------------------------------------------ distributed
 
     def on_fit_start(self) -> None:
+        # The learner averages its meta-gradient itself. DDP's own averaging stays off: with
+        # manual optimisation Lightning arms DDP's reducer only in manual_backward, which
+        # is never called here.
         if self.trainer.world_size > 1 and self.learner.meta_gradient_sync is None:
             _distributed.data_parallel(self.learner)
-        wrapper = self.trainer.strategy.model
-        if isinstance(wrapper, DistributedDataParallel):
-            # fastmeta averages the meta-gradient itself; DDP's reducer must not wait for a
-            # backward pass of its own (meta_step computes gradients inside the forward).
-            wrapper.require_backward_grad_sync = False
 
     def _local(self, batch: Any) -> Any:
         if self.shard_batches and self.trainer.world_size > 1:

@@ -1,7 +1,7 @@
 """Two-process Lightning DDP run of ``MetaModule`` (not a test module; test_lightning.py runs it).
 
 Usage:
-    python tests/_lightning_ddp_worker.py --out DIR
+    python tests/_lightning_ddp_worker.py --out DIR --engine vmap|higher
 
 Lightning starts the second process itself (it runs this script again with
 ``LOCAL_RANK=1``). Both processes meta-train a MAML learner with ``strategy="ddp"`` on
@@ -38,10 +38,10 @@ def batches() -> list[dict]:
     return list(BatchMetaDataLoader(tasks, batch_size=META_BATCH))
 
 
-def learner() -> fastmeta.MAML:
+def learner(engine: str) -> fastmeta.MAML:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    return fastmeta.MAML(model.double(), inner_lr=0.05, engine="vmap")
+    return fastmeta.MAML(model.double(), inner_lr=0.05, engine=engine)
 
 
 def adam(params):  # type: ignore[no-untyped-def]
@@ -51,11 +51,13 @@ def adam(params):  # type: ignore[no-untyped-def]
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
-    out = parser.parse_args().out
+    parser.add_argument("--engine", default="vmap")
+    args = parser.parse_args()
+    out = args.out
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")  # Lightning's tips about workers and loggers
     data = batches()
-    initial = learner()
+    initial = learner(args.engine)
     module = MetaModule(copy.deepcopy(initial), optimizer=adam, shard_batches=True)
     losses: list[float] = []
 

@@ -283,14 +283,18 @@ def test_import_fastmeta_does_not_import_lightning() -> None:
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.slow  # two processes that each start Lightning and gloo: about 30 s here
-def test_ddp_on_two_cpu_processes_equals_fastmeta_data_parallel(tmp_path: Path) -> None:
+@pytest.mark.slow  # two processes that each start Lightning and gloo: 20-30 s here
+# vmap takes gradients with autograd.grad, higher with backward(): DDP's reducer sees both
+@pytest.mark.parametrize("engine", ["vmap", "higher"])
+def test_ddp_on_two_cpu_processes_equals_fastmeta_data_parallel(tmp_path: Path,
+                                                                engine: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for name in ("MASTER_PORT", "LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK"):
         env.pop(name, None)
     done = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "_lightning_ddp_worker.py"), "--out",
-         str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+         str(tmp_path), "--engine", engine],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = torch.load(tmp_path / "ddp.pt")
     assert result["world_size"] == 2 and result["global_step"] == 6
