@@ -141,3 +141,48 @@ def test_too_few_classes_for_the_ways_is_an_error() -> None:
         ValueError, match="num_classes_per_task=9 but the meta-train split has only 8"
     ):
         hf_few_shot(rows(), ways=9, shots=1, input_column="x", seed=0)
+
+
+class BagOfWords(nn.Module):
+    """Mean of token embeddings under the mask, then a linear head: keyword inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).to(self.embed.weight.dtype)
+        return self.head((self.embed(input_ids) * mask).sum(-2) / mask.sum(-2).clamp(min=1))
+
+
+def test_text_rows_with_named_topics_and_held_out_topics_flow_into_meta_step() -> None:
+    topics = ["sports", "food", "weather", "music", "travel", "film"]
+    text = datasets.Dataset.from_dict({
+        "input_ids": [[(i * 7 + k) % 31 + 1 for k in range(i % 4 + 3)] for i in range(60)],
+        "topic": [topics[i % 6] for i in range(60)],
+    })
+
+    def tokens(row: dict[str, Any]) -> dict[str, torch.Tensor]:
+        ids = torch.zeros(8, dtype=torch.long)
+        ids[: len(row["input_ids"])] = torch.tensor(row["input_ids"])
+        return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+    splits = {"train": topics[:4], "test": topics[4:]}
+    train = hf_few_shot(text, ways=2, shots=2, test_shots=3, label_column="topic",
+                        transform=tokens, class_splits=splits, seed=0)
+    held_out = hf_few_shot(text, ways=2, shots=2, test_shots=3, label_column="topic",
+                           transform=tokens, class_splits=splits, meta_split="test", seed=0)
+    assert train.dataset.labels == sorted(topics[:4]) and held_out.dataset.labels == ["film",
+                                                                                     "travel"]
+    learner = fastmeta.MAML(BagOfWords(), inner_lr=0.5, loss_fn="cross_entropy",
+                            engine="loop")
+    optimizer = torch.optim.Adam(learner.parameters(), 1e-2)
+    batch = first_batch(train, batch_size=3)
+    assert batch["train"][0]["attention_mask"].shape == (3, 4, 8)
+    result = learner.meta_step(batch, optimizer)
+    assert result.task_losses.shape == (3,) and torch.isfinite(result.task_losses).all()
+    assert len(held_out) == 1  # two held-out topics: one 2-way combination
+    adapted = learner.adapt_many(first_batch(held_out, batch_size=1), steps=2)
+    assert adapted.support_losses.shape == (1, 2)
