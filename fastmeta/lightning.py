@@ -73,11 +73,13 @@ class MetaModule(lightning.LightningModule):
     Distributed (``Trainer(strategy="ddp")``, gloo on CPU or NCCL on GPU): the learner
     is wrapped with :func:`fastmeta.distributed.data_parallel` when training starts, so
     each process meta-trains on its batch and the meta-gradient is the mean over all
-    processes' tasks, exactly as in fastmeta's own data-parallel run. By default every
-    process trains on the tasks its loader gives (Lightning's distributed sampler gives
-    each process different ones); with ``shard_batches=True`` and
-    ``Trainer(use_distributed_sampler=False)`` every process reads the same meta-batch and
-    keeps its share (:func:`fastmeta.distributed.shard`), as ``torchrun`` scripts do.
+    processes' tasks, exactly as in fastmeta's own data-parallel run. With a
+    :class:`fastmeta.data.BatchMetaDataLoader`, pass ``shard_batches=True`` and
+    ``Trainer(use_distributed_sampler=False)``: every process reads the same seeded
+    meta-batch and keeps its share (:func:`fastmeta.distributed.shard`), as ``torchrun``
+    scripts do. With ``shard_batches=False`` (the default) every process trains on the
+    whole batch its loader gives, e.g. a plain ``DataLoader`` that Lightning's distributed
+    sampler splits between processes.
 
     Checkpoints: the learner's meta-parameters and buffers (``state_dict``), the
     optimiser state and the learner's count of meta-steps (which schedules such as

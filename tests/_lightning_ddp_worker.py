@@ -5,8 +5,9 @@ Usage:
 
 Lightning starts the second process itself (it runs this script again with
 ``LOCAL_RANK=1``). Both processes meta-train a MAML learner with ``strategy="ddp"`` on
-CPU (gloo) for ``STEPS`` steps, every process reading the same meta-batches and keeping
-its share (``shard_batches=True``). Then, in the same process group, an identical
+CPU (gloo) for ``STEPS`` steps, every process reading the same meta-batches from a seeded
+``BatchMetaDataLoader`` and keeping its share (``shard_batches=True``,
+``use_distributed_sampler=False``). Then, in the same process group, an identical
 learner is meta-trained with fastmeta's own data-parallel loop
 (:func:`fastmeta.distributed.data_parallel` and :func:`fastmeta.distributed.shard`).
 Rank 0 saves both sets of meta-parameters and the logged losses to ``DIR/ddp.pt``.
@@ -22,7 +23,6 @@ from pathlib import Path
 import lightning
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 
 import fastmeta
 import fastmeta.distributed as fmd
@@ -33,9 +33,9 @@ STEPS = 6
 META_BATCH = 5  # 3 + 2 tasks on two processes: an uneven split
 
 
-def batches() -> list[dict]:
+def loader() -> BatchMetaDataLoader:
     tasks = sinusoid(5, test_shots=5, seed=3, num_tasks=STEPS * META_BATCH, dtype=torch.float64)
-    return list(BatchMetaDataLoader(tasks, batch_size=META_BATCH))
+    return BatchMetaDataLoader(tasks, batch_size=META_BATCH)
 
 
 def learner(engine: str) -> fastmeta.MAML:
@@ -56,7 +56,7 @@ def main() -> None:
     out = args.out
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")  # Lightning's tips about workers and loggers
-    data = batches()
+    data = list(loader())  # the same seeded meta-batches in every process
     initial = learner(args.engine)
     module = MetaModule(copy.deepcopy(initial), optimizer=adam, shard_batches=True)
     losses: list[float] = []
@@ -70,7 +70,7 @@ def main() -> None:
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         use_distributed_sampler=False, callbacks=[Record()],
     )
-    trainer.fit(module, DataLoader(data, batch_size=None))
+    trainer.fit(module, loader())
 
     # fastmeta's own data-parallel run, in the same process group
     reference = fmd.data_parallel(copy.deepcopy(initial))

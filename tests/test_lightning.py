@@ -275,6 +275,14 @@ def test_an_optimizer_factory_must_build_an_optimizer() -> None:
         trainer(max_steps=1).fit(module, loader(sine_batches(1)))
 
 
+def test_batch_meta_data_loader_refuses_a_lightning_distributed_sampler_with_the_fix() -> None:
+    # what Lightning does to add its distributed sampler: re-create the loader with the
+    # collate function and a sampler
+    loader = BatchMetaDataLoader(sinusoid(5, seed=0, num_tasks=8), batch_size=4)
+    with pytest.raises(TypeError, match=r"use_distributed_sampler=False.*shard_batches=True"):
+        BatchMetaDataLoader(loader.dataset, batch_size=4, collate_fn=loader.collate_fn)
+
+
 def test_import_fastmeta_does_not_import_lightning() -> None:
     code = ("import sys, fastmeta, fastmeta.data, fastmeta.distributed; "
             "print(sorted({'lightning', 'pytorch_lightning'} & set(sys.modules)))")
