@@ -184,7 +184,12 @@ class MetaModule(lightning.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         optimizer = self.optimizers()
-        assert isinstance(optimizer, torch.optim.Optimizer)  # one optimiser, configured above
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"MetaModule steps one outer optimiser over the learner's meta-parameters, but "
+                f"configure_optimizers gave {len(optimizer)}; build one optimiser over "
+                f"learner.parameters() (parameter groups can give parts their own settings)"
+            )
         result: MetaStepResult = self.learner.meta_step(self._local(batch), optimizer)
         tasks = int(result.task_losses.shape[0])
         self.log("train/meta_loss", result.loss, prog_bar=True, batch_size=tasks)

@@ -275,6 +275,16 @@ def test_an_optimizer_factory_must_build_an_optimizer() -> None:
         trainer(max_steps=1).fit(module, loader(sine_batches(1)))
 
 
+def test_two_optimisers_are_refused_with_the_fix() -> None:
+    class TwoOptimisers(MetaModule):
+        def configure_optimizers(self) -> Any:
+            return [adam(self.learner.parameters()), adam(self.learner.parameters())]
+
+    module = TwoOptimisers(maml(), optimizer=adam)
+    with pytest.raises(TypeError, match="steps one outer optimiser.*gave 2; build one"):
+        trainer(max_steps=1).fit(module, loader(sine_batches(1)))
+
+
 def test_batch_meta_data_loader_refuses_a_lightning_distributed_sampler_with_the_fix() -> None:
     # what Lightning does to add its distributed sampler: re-create the loader with the
     # collate function and a sampler
