@@ -48,6 +48,7 @@ from ._tree import tree_map
 __all__ = ["MetaModule"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 _CLIP_ALGORITHMS = ("norm", "value")
 
@@ -89,6 +90,10 @@ class MetaModule(lightning.LightningModule):
         learner: the fastmeta learner to meta-train (its ``nn.Module`` is a submodule).
         optimizer: builds the outer optimiser from the meta-parameters, e.g.
             ``lambda params: torch.optim.Adam(params, 1e-3)``.
+        scheduler: builds a learning-rate schedule of that optimiser, stepped once per
+            meta-step, e.g. ``lambda opt: CosineAnnealingLR(opt, T_max=max_steps)``
+            (MAML++'s cosine-annealed outer rate; ``ReduceLROnPlateau`` is given the
+            meta-loss); saved in checkpoints.
         eval_steps: inner steps when validating (default: the learner's ``inner_steps``).
         gradient_clip_val: clip the meta-gradient to this norm (or value); ``None`` for
             no clipping.
@@ -96,7 +101,8 @@ class MetaModule(lightning.LightningModule):
         shard_batches: under DDP, keep only this process's share of each batch.
 
     Raises:
-        TypeError: ``learner`` is not a fastmeta learner or ``optimizer`` is not callable.
+        TypeError: ``learner`` is not a fastmeta learner, or ``optimizer`` or ``scheduler``
+            is not callable.
         ValueError: a bad ``eval_steps``, ``gradient_clip_val`` or ``gradient_clip_algorithm``.
 
     Example:
@@ -110,6 +116,7 @@ class MetaModule(lightning.LightningModule):
         learner: MetaLearner,
         *,
         optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
         eval_steps: int | None = None,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
@@ -126,6 +133,12 @@ class MetaModule(lightning.LightningModule):
                 f"optimizer must be a function that builds the outer optimiser from the "
                 f"meta-parameters, got {type(optimizer).__name__}; pass e.g. "
                 f"optimizer=lambda params: torch.optim.Adam(params, 1e-3)"
+            )
+        if scheduler is not None and not callable(scheduler):
+            raise TypeError(
+                f"scheduler must be a function that builds a learning-rate schedule of the "
+                f"optimiser, or None, got {type(scheduler).__name__}; pass e.g. "
+                f"scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, 1000)"
             )
         if gradient_clip_val is not None and (
             isinstance(gradient_clip_val, bool)
@@ -144,6 +157,7 @@ class MetaModule(lightning.LightningModule):
             )
         self.learner = learner
         self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
         self.eval_steps = (
             learner.inner_steps if eval_steps is None else check_steps("eval_steps", eval_steps, 0)
         )
@@ -156,7 +170,7 @@ class MetaModule(lightning.LightningModule):
         """The wrapped model's output (with the meta-parameters, no adaptation)."""
         return self.learner(*args, **kwargs)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         built = self.optimizer_factory(self.learner.parameters())
         if not isinstance(built, torch.optim.Optimizer):
             raise TypeError(
@@ -164,7 +178,16 @@ class MetaModule(lightning.LightningModule):
                 f"{type(built).__name__}; pass e.g. "
                 f"optimizer=lambda params: torch.optim.Adam(params, 1e-3)"
             )
-        return built
+        if self.scheduler_factory is None:
+            return built
+        schedule = self.scheduler_factory(built)
+        if not isinstance(schedule, torch.optim.lr_scheduler.LRScheduler):
+            raise TypeError(
+                f"scheduler(optimizer) must return a torch.optim.lr_scheduler.LRScheduler, got "
+                f"{type(schedule).__name__}"
+            )
+        # Lightning saves and restores it; training_step steps it (manual optimisation).
+        return {"optimizer": built, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ------------------------------------------------------------------ distributed
 
@@ -191,6 +214,11 @@ class MetaModule(lightning.LightningModule):
                 f"learner.parameters() (parameter groups can give parts their own settings)"
             )
         result: MetaStepResult = self.learner.meta_step(self._local(batch), optimizer)
+        schedule = self.lr_schedulers()
+        if isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            schedule.step(result.loss)  # on the meta-loss
+        elif isinstance(schedule, torch.optim.lr_scheduler.LRScheduler):
+            schedule.step()
         tasks = int(result.task_losses.shape[0])
         self.log("train/meta_loss", result.loss, prog_bar=True, batch_size=tasks)
         if result.support_losses.numel():  # learners without an inner loop have none

@@ -121,18 +121,24 @@ def test_checkpoint_and_resume_through_the_trainer_is_exact(tmp_path: Path) -> N
                                      multi_step_iterations=15, per_step_batch_norm=False,
                                      engine="vmap")
 
+    def cosine(optimizer: torch.optim.Optimizer) -> Any:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=20)
+
     batches = sine_batches(5)
-    first = MetaModule(learner(), optimizer=adam)
+    first = MetaModule(learner(), optimizer=adam, scheduler=cosine)
     first_run = trainer(max_steps=10)
     first_run.fit(first, loader(batches))
     path = tmp_path / "step10.ckpt"
     first_run.save_checkpoint(path)
-    # fastmeta's own loop from the same state: weights, Adam's moments, the step count
+    # fastmeta's own loop from the same state: weights, Adam's moments, the step count and
+    # the learning-rate schedule
     reference = copy.deepcopy(first.learner)
     optimizer = adam(reference.parameters())
     optimizer.load_state_dict(first_run.optimizers[0].state_dict())
+    schedule = cosine(optimizer)
+    schedule.load_state_dict(first_run.lr_scheduler_configs[0].scheduler.state_dict())
 
-    resumed = Recording(learner(), optimizer=adam)
+    resumed = Recording(learner(), optimizer=adam, scheduler=cosine)
     resumed_run = trainer(max_steps=20)
     resumed_run.fit(resumed, loader(batches), ckpt_path=path)
     assert resumed_run.global_step == 20 and resumed.learner.meta_steps_taken == 20
@@ -140,10 +146,37 @@ def test_checkpoint_and_resume_through_the_trainer_is_exact(tmp_path: Path) -> N
     assert len(resumed.seen) == 10
     for batch in resumed.seen:
         reference.meta_step(batch, optimizer)
+        schedule.step()
     assert reference.meta_steps_taken == 20
     assert_same_weights(resumed.learner, reference)
     optimizer_state = resumed_run.optimizers[0].state_dict()["state"]
     assert all(int(s["step"]) == 20 for s in optimizer_state.values())
+    assert resumed_run.optimizers[0].param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+    assert optimizer.param_groups[0]["lr"] < 1e-4  # annealed to near 0 at step 20 of 20
+
+
+@pytest.mark.parametrize("kind", ["cosine", "plateau"])
+def test_a_learning_rate_schedule_steps_once_per_meta_step(kind: str) -> None:
+    def schedule(optimizer: torch.optim.Optimizer) -> Any:
+        if kind == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=8)
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.5)
+
+    batches = sine_batches(4)
+    learner = maml()
+    reference = copy.deepcopy(learner)
+    optimizer = adam(reference.parameters())
+    reference_schedule = schedule(optimizer)
+    for i in range(6):
+        loss = reference.meta_step(batches[i % 4], optimizer).loss
+        if kind == "cosine":
+            reference_schedule.step()
+        else:
+            reference_schedule.step(loss)
+    run = trainer(max_steps=6)
+    run.fit(MetaModule(learner, optimizer=adam, scheduler=schedule), loader(batches))
+    assert_same_weights(learner, reference)
+    assert run.optimizers[0].param_groups[0]["lr"] == optimizer.param_groups[0]["lr"] < 1e-2
 
 
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
@@ -255,12 +288,14 @@ def test_regression_validation_logs_no_accuracy() -> None:
         ({"learner": nn.Linear(1, 1)}, TypeError, "learner must be a fastmeta learner.*Linear"),
         ({"optimizer": None}, TypeError, "optimizer must be a function.*NoneType.*lambda params"),
         ({"eval_steps": -1}, ValueError, "eval_steps"),
+        ({"scheduler": 0.5}, TypeError, "scheduler must be a function .*got float"),
         ({"gradient_clip_val": 0.0}, ValueError, "gradient_clip_val must be .* > 0.*got 0.0"),
         ({"gradient_clip_val": float("nan")}, ValueError, "gradient_clip_val.*got nan"),
         ({"gradient_clip_algorithm": "l2"}, ValueError,
          r"gradient_clip_algorithm must be one of \['norm', 'value'\], got 'l2'"),
     ],
-    ids=["learner", "optimizer", "eval_steps", "clip-zero", "clip-nan", "clip-algorithm"],
+    ids=["learner", "optimizer", "eval_steps", "scheduler", "clip-zero", "clip-nan",
+         "clip-algorithm"],
 )
 def test_bad_arguments_are_named(kwargs: dict[str, Any], error: type, match: str) -> None:
     arguments: dict[str, Any] = {"learner": maml(), "optimizer": adam, **kwargs}
@@ -272,6 +307,12 @@ def test_bad_arguments_are_named(kwargs: dict[str, Any], error: type, match: str
 def test_an_optimizer_factory_must_build_an_optimizer() -> None:
     module = MetaModule(maml(), optimizer=lambda params: list(params))
     with pytest.raises(TypeError, match=r"optimizer\(params\) must return a torch.optim.Opt"):
+        trainer(max_steps=1).fit(module, loader(sine_batches(1)))
+
+
+def test_a_scheduler_factory_must_build_a_schedule() -> None:
+    module = MetaModule(maml(), optimizer=adam, scheduler=lambda optimizer: "cosine")
+    with pytest.raises(TypeError, match=r"scheduler\(optimizer\) must return .*, got str"):
         trainer(max_steps=1).fit(module, loader(sine_batches(1)))
 
 
