@@ -136,6 +136,20 @@ def test_a_dataset_dict_or_a_list_is_refused_with_the_fix() -> None:
         HFFewShotDataset(splits, 2, input_column="x")
 
 
+def test_a_streamed_dataset_is_refused_with_the_fix() -> None:
+    streamed = rows().to_iterable_dataset()
+    with pytest.raises(TypeError, match=r"IterableDataset \(a streamed dataset\).*take\(n\)"):
+        HFFewShotDataset(streamed, 2, input_column="x")
+
+
+def test_torch_formatted_rows_give_the_same_tasks() -> None:
+    plain = hf_few_shot(rows(), ways=3, shots=2, input_column="x", seed=4)
+    formatted = hf_few_shot(rows().with_format("torch"), ways=3, shots=2, input_column="x",
+                            seed=4)
+    a, b = first_batch(plain), first_batch(formatted)
+    assert torch.equal(a["train"][0], b["train"][0]) and torch.equal(a["test"][1], b["test"][1])
+
+
 def test_too_few_classes_for_the_ways_is_an_error() -> None:
     with pytest.raises(
         ValueError, match="num_classes_per_task=9 but the meta-train split has only 8"

@@ -52,6 +52,12 @@ class HFInputs(Dataset[Any]):
         transform: RowTransform | None = None,
     ) -> None:
         columns = getattr(dataset, "column_names", None)
+        if isinstance(columns, Sequence) and not hasattr(dataset, "__len__"):
+            raise TypeError(
+                f"dataset must be a map-style datasets.Dataset with rows by index, got a "
+                f"{type(dataset).__name__} (a streamed dataset); load it with "
+                f"streaming=False, or keep some rows: Dataset.from_list(list(dataset.take(n)))"
+            )
         if not isinstance(columns, Sequence) or not hasattr(dataset, "__getitem__"):
             raise TypeError(
                 f"dataset must be a Hugging Face datasets.Dataset (one split, with "
