@@ -74,6 +74,17 @@ def _names(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
     return parse
 
 
+def _log_formats(text: str) -> tuple[str, ...]:
+    from .bench._loggers import LOG_FORMATS
+
+    chosen = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in chosen if name not in LOG_FORMATS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"expected formats from {','.join(LOG_FORMATS)} (comma-separated), got {text!r}")
+    return chosen
+
+
 def _show(value: Any) -> str:
     """A default as the command line spells it."""
     if isinstance(value, tuple):
@@ -129,6 +140,9 @@ def _add_bench(commands: Any, bench: Any) -> None:
                      "models, and leaves the other cores to other work)")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     run.add_argument("--quiet", action="store_true", help="no progress or status lines")
+    run.add_argument("--log", type=_log_formats, default=(), metavar="FORMAT,FORMAT",
+                     help="also write curves, evaluation, engines and settings under OUT/logs "
+                     "for csv and/or tensorboard (comma-separated)")
     parser.set_defaults(handler=_bench, benchmark=bench.name)
 
 
@@ -212,7 +226,7 @@ def _bench(args: argparse.Namespace) -> int:
         with stop_on_signals(flag):
             results = run_benchmark(bench, config, args.out, resume=args.resume,
                                     progress=not args.quiet, plots=not args.no_plots,
-                                    stop=flag, log=log)
+                                    stop=flag, log=log, log_to=args.log)
         finished = True
     except Interrupted as error:
         if main_process:

@@ -16,6 +16,7 @@ from ._checkpoint import (
 )
 from ._config import BenchConfig, setting
 from ._evaluate_checkpoint import evaluate_checkpoint
+from ._loggers import LOG_FORMATS, RunLog, write_logs
 from ._outdir import OutDirError, RunLock, RunLocked
 from ._progress import Progress
 from ._protocol import Benchmark, Outcome, RunPlan, benchmark, names
@@ -25,6 +26,7 @@ from ._stats import summarize
 from ._train import TrainingDiverged
 
 __all__ = [
+    "LOG_FORMATS",
     "BenchConfig",
     "Benchmark",
     "CheckpointError",
@@ -34,6 +36,7 @@ __all__ = [
     "Progress",
     "RunLock",
     "RunLocked",
+    "RunLog",
     "RunPlan",
     "StopFlag",
     "TrainingDiverged",
@@ -47,4 +50,5 @@ __all__ = [
     "setting",
     "stop_on_signals",
     "summarize",
+    "write_logs",
 ]

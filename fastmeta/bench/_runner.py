@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from .. import distributed as fmd
 from . import _plots
 from ._checkpoint import CheckpointError, check_learner_payload, load_checkpoint
 from ._config import BenchConfig, dumps, versions
+from ._loggers import RunLog, check_log_formats, write_logs
 from ._outdir import RunLock, check_out, clean_temporaries, write_text
 from ._protocol import Benchmark, Outcome, RunPlan
 from ._registry import build_learner, load_learner, load_state
@@ -197,6 +198,7 @@ def run_benchmark(
     stop: StopFlag | None = None,
     stop_after: int | None = None,
     log: Callable[[str], None] = print,
+    log_to: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Meta-train, evaluate and write ``results.json``, ``results.md`` and the figures.
 
@@ -211,6 +213,9 @@ def run_benchmark(
             with a checkpoint; during evaluation it stops at once.
         stop_after: stop each run's training after this meta-iteration (for tests).
         log: where status lines go.
+        log_to: also write the curves, evaluation, engines and configuration for these
+            tools: ``"csv"``, ``"tensorboard"`` (under ``out/logs``; see
+            :func:`fastmeta.bench.write_logs`).
 
     Under ``torchrun`` every process trains on its share of each meta-batch (see
     :mod:`fastmeta.distributed`); only rank 0 checks and writes the output directory,
@@ -235,6 +240,7 @@ def run_benchmark(
         )
     if plots and benchmark.figures is not None:
         _plots.pyplot()  # fail before hours of training, not after
+    log_to = check_log_formats(log_to)  # likewise
     out = Path(out)
     checkpoints = out / "checkpoints"
     main = fmd.is_main_process()
@@ -263,7 +269,7 @@ def run_benchmark(
         _agree(error)
         return _train_and_evaluate(benchmark, config, out, plans, runs, previous,
                                    resume=resume, progress=progress, plots=plots, stop=stop,
-                                   stop_after=stop_after, log=log)
+                                   stop_after=stop_after, log=log, log_to=log_to)
 
 
 def _train_and_evaluate(
@@ -280,6 +286,7 @@ def _train_and_evaluate(
     stop: StopFlag | None,
     stop_after: int | None,
     log: Callable[[str], None],
+    log_to: Sequence[str] = (),
 ) -> dict[str, Any]:
     started = time.perf_counter()
     records = []
@@ -327,6 +334,11 @@ def _train_and_evaluate(
     results["figures"] = figures
     results["wall_seconds"] = time.perf_counter() - started
     write_results(benchmark, results, out)
+    if log_to:
+        runs_logged = [RunLog(run.name, record.loss_curve, run.learner)
+                       for run, record in zip(runs, records)]
+        for path in write_logs(log_to, runs_logged, results, out):
+            log(f"wrote {path}")
     return results
 
 

@@ -25,6 +25,7 @@ from fastmeta.data._classification import (
 )
 from fastmeta.data._digits import Digits
 from fastmeta.data._domain_shift import DomainShiftSinusoid, UnlabelledTask
+from fastmeta.data._hf import HFFewShotDataset, HFInputs, hf_few_shot
 from fastmeta.data._images import ImageArrayDataset
 from fastmeta.data._loaders import (
     BatchMetaCollate,
@@ -75,6 +76,8 @@ __all__ = [
     "DomainShiftSinusoid",
     "FewShotDataset",
     "FewShotImageFolder",
+    "HFFewShotDataset",
+    "HFInputs",
     "Harmonic",
     "HarmonicTask",
     "ImageArrayDataset",
@@ -93,6 +96,7 @@ __all__ = [
     "SubsetTask",
     "Task",
     "UnlabelledTask",
+    "hf_few_shot",
     "no_collate",
     "sinusoid",
 ]

@@ -1,6 +1,16 @@
 """Fetching and checking dataset archives: one download helper with MD5 checks and clear errors.
 
 Nothing here runs on import. ``urlopen`` is looked up at call time, so tests replace it.
+
+Why by hand and not with a download library such as pooch (SHA-256, retries, resumable
+downloads): this module belongs to ``fastmeta.data``, part of the core library, whose only
+dependencies stay torch, higher and numpy. The checksums that torchvision and torchmeta
+publish for these archives are MD5 sums; a SHA-256 of ours would only restate a file we
+had already trusted, so checking the published MD5 is the stronger test of "this is the
+archive they describe". Each archive is fetched once per machine, into a ``.part`` file
+that is renamed only once its checksum matches, so a failed download never looks
+complete; when it fails, the error says where to put a copy fetched by hand (curl and
+wget resume and retry).
 """
 
 from __future__ import annotations

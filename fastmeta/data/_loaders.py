@@ -331,7 +331,11 @@ class BatchMetaDataLoader(MetaDataLoader):
         if "collate_fn" in kwargs or "batch_sampler" in kwargs:
             raise TypeError(
                 "BatchMetaDataLoader collates tasks itself; use MetaDataLoader(collate_fn=...) "
-                "for a custom collate function or batch sampler"
+                "for a custom collate function or batch sampler. (Under a Lightning Trainer "
+                "with several processes, Lightning re-creates loaders this way to add its "
+                "distributed sampler: pass Trainer(use_distributed_sampler=False), and "
+                "fastmeta.lightning.MetaModule(..., shard_batches=True) splits each meta-batch "
+                "between the processes)"
             )
         super().__init__(
             dataset,
