@@ -117,3 +117,16 @@ def test_meta_training_a_bert_lowers_its_query_loss():
     before = [p.detach().clone() for p in model.parameters()]
     learner.adapt(task.support_x[0], task.support_y[0], steps=3)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_imaml_runs_through_attention_on_every_engine():
+    task = _task()
+    grads = {}
+    for engine in ("vmap", "loop"):
+        model = _model("bert-masked")
+        learner = fastmeta.IMAML(model, inner_lr=0.1, inner_steps=2, lam=1.0, engine=engine,
+                                 loss_fn="cross_entropy")
+        learner.meta_step(task, torch.optim.SGD(learner.parameters(), lr=0.0))
+        grads[engine] = [p.grad for p in model.parameters()]
+    for a, b in zip(grads["vmap"], grads["loop"]):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
