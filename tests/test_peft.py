@@ -14,9 +14,6 @@ from tests._zoo import finite_difference_check
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 transformers.logging.set_verbosity_error()
-# peft 0.21 asks transformers 5 for an attribute that transformers deprecates.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 VOCAB, CLASSES = 20, 3
 
