@@ -19,7 +19,9 @@ a padded ``attention_mask`` (every other sequence padded to half its length):
 Algorithms: second-order MAML (``maml``), first-order MAML (``fomaml``) and iMAML
 (``imaml``, λ = 1, 5 conjugate-gradient steps), each with 1 and 5 inner SGD steps. Rows:
 ``default`` (``engine="auto"`` once its check and its timing steps are done: the engine it
-settled on is named), the ``vmap``, ``loop`` and ``higher`` engines, and ``plain``: a
+settled on is named), the ``vmap``, ``loop`` and ``higher`` engines, ``checkpointed``
+(``LoopEngine(checkpoint_steps=True)``: each inner step recomputed in the backward pass
+instead of kept), and ``plain``: a
 hand-written per-task loop (``functional_call`` and ``torch.autograd.grad`` per task, one
 ``backward`` per task; MAML and first-order MAML only). An engine that cannot run a model
 shows its error. Each row is one whole meta-iteration (zeroing the gradients, the
@@ -54,7 +56,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastmeta
 
-ROWS = ("default", "vmap", "loop", "higher", "plain")
+ROWS = ("default", "vmap", "loop", "checkpointed", "higher", "plain")
 ALGORITHMS = ("maml", "fomaml", "imaml")
 INNER_LR = 0.01
 
@@ -136,9 +138,12 @@ def loss_fn(output: Any, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, -2), target.flatten(), ignore_index=-100)
 
 
-def learner(model: nn.Module, algorithm: str, steps: int, engine: str) -> fastmeta.MetaLearner:
+def learner(model: nn.Module, algorithm: str, steps: int, row: str) -> fastmeta.MetaLearner:
+    engine: str | fastmeta.engines.Engine = {
+        "default": "auto", "checkpointed": fastmeta.engines.LoopEngine(checkpoint_steps=True),
+    }.get(row, row)
     common: dict[str, Any] = dict(inner_lr=INNER_LR, inner_steps=steps, loss_fn=loss_fn,
-                                  engine="auto" if engine == "default" else engine)
+                                  engine=engine)
     if algorithm == "imaml":
         return fastmeta.IMAML(model, lam=1.0, cg_steps=5, **common)
     return fastmeta.MAML(model, first_order=algorithm == "fomaml", **common)
@@ -272,20 +277,21 @@ def run_case(model: nn.Module, spec: Spec, algorithm: str, steps: int, rows: lis
 
 
 def print_table(name: str, algorithm: str, steps: int, results: list[dict[str, Any]]) -> None:
-    engines = [r for r in results if "ms" in r and r["row"] in ("vmap", "loop", "higher")]
+    engines = [r for r in results if "ms" in r
+               and r["row"] in ("vmap", "loop", "checkpointed", "higher")]
     default = next((r for r in results if r["row"] == "default" and "ms" in r), None)
     ratio = ""
     if default is not None and engines:
         ratio = f"   default/best engine {default['ms'] / min(r['ms'] for r in engines):.2f}"
     print(f"\n{name}, {algorithm}, {steps} inner step{'s' if steps > 1 else ''}{ratio}")
-    print(f"  {'row':<8} {'engine':<8} {'ms/step':>10} {'+MiB':>8} {'err':>9}")
+    print(f"  {'row':<12} {'engine':<8} {'ms/step':>10} {'+MiB':>8} {'err':>9}")
     for r in results:
         if "error" in r:
-            print(f"  {r['row']:<8} fails: {r['error']}")
+            print(f"  {r['row']:<12} fails: {r['error']}")
             continue
         mib = "-" if r.get("mib") is None else f"{max(r['mib'], 0.0):.0f}"
         err = f"{r['err']:.1e}" if "err" in r else "-"
-        print(f"  {r['row']:<8} {r['engine']:<8} {r['ms']:>10.1f} {mib:>8} {err:>9}")
+        print(f"  {r['row']:<12} {r['engine']:<8} {r['ms']:>10.1f} {mib:>8} {err:>9}")
     sys.stdout.flush()
 
 
