@@ -98,6 +98,7 @@ def test_the_default_engine_meta_learns_only_the_adapter_exactly(method):
     learner.meta_step(task, torch.optim.SGD(learner.parameters(), lr=0.1))
     assert learner.engine == "vmap"  # checked against a per-task engine, then timed
     assert learner.engine_decision.checked == ("meta_gradient",)
+    assert "checked against loop" in learner.engine_decision.reason  # higher cannot copy peft
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert set(grads) == set(expected) and all(METHODS[method][1:-1] in n for n in grads)
     for name, grad in grads.items():

@@ -210,6 +210,7 @@ class AutoEngine(Engine):
         self._tuner: Tuner | None = None
         self._latest_key: Key | None = None
         self._probe_failures: dict[str, str] = {}
+        self._reference = "higher"  # the per-task engine the latest check compared with
         self._vmap: VmapEngine | None = None if obstacle else VmapEngine(compile=compile)
         self._current: Engine = self._vmap or self._fallbacks[0][1]
         self._settled = obstacle is not None  # no more fallbacks once a call went through
@@ -237,8 +238,7 @@ class AutoEngine(Engine):
         reason = self._reason
         if tuner is not None:
             reason += "".join(f"; {label!r} fails on this model ({why})"
-                              for label, why in tuner.failures.items()
-                              if label not in reason)
+                              for label, why in tuner.failures.items())
         if timings:
             reason += f"; measured fastest: {tuner.chosen[key]}"  # type: ignore[union-attr,index]
         return EngineDecision(self.name, reason, tuple(self._checked), self._max_error,
@@ -320,7 +320,8 @@ class AutoEngine(Engine):
             self._fall_back(reason, self._probe_failures)
         elif verdict == AGREE:
             self._checked.append(kind)
-            self._reason = f"vectorised; checked against higher ({', '.join(self._checked)})"
+            self._reason = (f"vectorised; checked against {self._reference} "
+                            f"({', '.join(self._checked)})")
 
     def _probe_both(self, probe: Probe, kind: str) -> tuple[int, str]:
         """``(verdict, reason)`` of one comparison: in float64 if the model runs in it, on
@@ -339,7 +340,7 @@ class AutoEngine(Engine):
                 break
             else:
                 continue
-            self._probe_failures = failures
+            self._probe_failures, self._reference = failures, label
             try:
                 candidate = probe(VmapEngine(), dtype, small)
             except torch.OutOfMemoryError:
