@@ -228,6 +228,11 @@ def _error(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -
     return max(float((grads[n] - reference[n]).abs().max()) for n in reference) / scale
 
 
+def progress(line: str) -> None:
+    """One line on stderr while a long run goes on (the table goes to stdout)."""
+    print(f"  [{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+
 def run_case(model: nn.Module, spec: Spec, algorithm: str, steps: int, rows: list[str],
              repeats: int, max_tuning: int = 12) -> list[dict[str, Any]]:
     """Every row on one (model, algorithm, inner steps): time, memory, error, engine."""
@@ -253,6 +258,7 @@ def run_case(model: nn.Module, spec: Spec, algorithm: str, steps: int, rows: lis
             continue
         live[row] = (step, meta)
         result["engine"] = meta.engine if meta is not None else "plain"
+        progress(f"{row}: ready on {result['engine']}")
     times: dict[str, list[float]] = {row: [] for row in live}
     for _ in range(repeats):  # rounds: every row once per round
         for row, (step, _) in live.items():
@@ -261,6 +267,7 @@ def run_case(model: nn.Module, spec: Spec, algorithm: str, steps: int, rows: lis
                 warnings.simplefilter("ignore")
                 step(task)
             times[row].append(time.perf_counter() - start)
+            progress(f"{row}: {times[row][-1]:.2f} s")
     grads: dict[str, dict[str, torch.Tensor]] = {}
     for row, (step, _) in live.items():
         with warnings.catch_warnings():
