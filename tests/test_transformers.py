@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastmeta
-from tests._zoo import reference_meta_gradient
+from tests._zoo import finite_difference_check, reference_meta_gradient
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -39,11 +39,10 @@ class TextClassifier(nn.Module):
             self.head = nn.Linear(8, CLASSES)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.kind == "bert-masked":
-            return self.net(input_ids=ids, attention_mask=(ids != 0).long()).logits
-        if self.kind == "bert":
-            return self.net(input_ids=ids).logits
-        return self.head(self.net(input_ids=ids).last_hidden_state.mean(1))
+        mask = (ids != 0).long() if self.kind.endswith("-masked") else None
+        if self.kind.startswith("bert"):
+            return self.net(input_ids=ids, attention_mask=mask).logits
+        return self.head(self.net(input_ids=ids, attention_mask=mask).last_hidden_state.mean(1))
 
 
 def _model(kind: str) -> nn.Module:
@@ -59,7 +58,7 @@ def _task() -> fastmeta.TaskBatch:
     return fastmeta.TaskBatch(ids, labels, ids.flip(1), labels.flip(1))
 
 
-KINDS = ["bert", "bert-masked", "gpt2"]
+KINDS = ["bert", "bert-masked", "gpt2", "gpt2-masked"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -74,17 +73,36 @@ def test_meta_gradient_equals_the_per_task_reference(kind):
             warnings.filterwarnings("ignore", "engine='auto' uses the 'higher' engine")
             learner = fastmeta.MAML(model, inner_lr=0.1, inner_steps=2, engine=engine,
                                     loss_fn="cross_entropy")
-            try:
-                learner.meta_step(task, torch.optim.SGD(learner.parameters(), lr=0.0))
-            except RuntimeError as error:  # torch.func refuses the attention-mask code
-                assert engine == "vmap" and kind == "bert-masked", error
-                assert "vmap" in str(error)
-                continue
+            learner.meta_step(task, torch.optim.SGD(learner.parameters(), lr=0.0))
         for name, param in model.named_parameters():
             torch.testing.assert_close(param.grad, expected[name], rtol=1e-8, atol=1e-12,
                                        msg=lambda m, n=name, e=engine: f"{e} {n}: {m}")
-        if engine == "auto":  # the fastest exact engine
-            assert learner.engine == ("higher" if kind == "bert-masked" else "vmap")
+        if engine == "auto":  # padded masks vectorise too: checked, then timed
+            assert learner.engine == "vmap"
+            assert learner.engine_decision.checked == ("meta_gradient",)
+
+
+@pytest.mark.parametrize("kind", ["bert-masked", "gpt2-masked"])
+def test_padded_masks_on_the_vectorised_engine_match_finite_differences(kind):
+    task = _task()
+    model = _model(kind)
+    learner = fastmeta.MAML(model, inner_lr=0.1, inner_steps=2, engine="vmap",
+                            loss_fn="cross_entropy")
+    learner.meta_step(task, torch.optim.SGD(learner.parameters(), lr=0.0))
+    gradient = {n: p.grad.clone() for n, p in model.named_parameters()}
+    worst = finite_difference_check(
+        model, task, gradient, lambda: learner.meta_loss(task).detach(), per_parameter=1)
+    assert worst < 1e-6
+
+
+def test_the_masks_transformers_checks_are_restored_after_the_engine_ran():
+    from transformers import masking_utils
+
+    original = masking_utils.is_tracing
+    learner = fastmeta.MAML(_model("bert-masked"), inner_lr=0.1, engine="vmap",
+                            loss_fn="cross_entropy")
+    learner.meta_step(_task(), torch.optim.SGD(learner.parameters(), lr=0.0))
+    assert masking_utils.is_tracing is original
 
 
 def test_meta_training_a_bert_lowers_its_query_loss():
@@ -99,3 +117,16 @@ def test_meta_training_a_bert_lowers_its_query_loss():
     before = [p.detach().clone() for p in model.parameters()]
     learner.adapt(task.support_x[0], task.support_y[0], steps=3)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_imaml_runs_through_attention_on_every_engine():
+    task = _task()
+    grads = {}
+    for engine in ("vmap", "loop"):
+        model = _model("bert-masked")
+        learner = fastmeta.IMAML(model, inner_lr=0.1, inner_steps=2, lam=1.0, engine=engine,
+                                 loss_fn="cross_entropy")
+        learner.meta_step(task, torch.optim.SGD(learner.parameters(), lr=0.0))
+        grads[engine] = [p.grad for p in model.parameters()]
+    for a, b in zip(grads["vmap"], grads["loop"]):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)

@@ -166,8 +166,10 @@ def test_the_decision_says_while_tuning_goes_on():
     assert not fastmeta.MAML(tiny_mlp(), inner_lr=0.1, engine="vmap").engine_decision.tuning
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rnn = fastmeta.MAML(nn.Sequential(nn.RNN(1, 4)), inner_lr=0.1)  # higher, untuned
-    assert rnn.engine == "higher" and not rnn.engine_decision.tuning
+        rnn = fastmeta.MAML(nn.Sequential(nn.RNN(1, 4)), inner_lr=0.1)  # higher against loop
+        rmsprop = fastmeta.MAML(tiny_mlp(), inner_lr=0.1, inner_optimizer="rmsprop")
+    assert rnn.engine == "higher" and rnn.engine_decision.tuning
+    assert rmsprop.engine == "higher" and not rmsprop.engine_decision.tuning  # nothing else runs
 
 
 def test_tuning_can_be_turned_off():

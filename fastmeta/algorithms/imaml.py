@@ -19,7 +19,7 @@ from .._objectives import Proximal
 from .._selection import Selection
 from .._task import TaskBatch
 from .._tree import Tree, call, index
-from ..engines import Engine, InnerObjective, MetaLosses, Params
+from ..engines import Engine, InnerObjective, MetaLosses, Params, exact_layers
 
 
 def conjugate_gradient(
@@ -143,7 +143,9 @@ class IMAML(MetaLearner):
                      **{n: b.clone() for n, b in buffers.items()}}
             return self.loss_fn(call(self.module, state, x), y)
 
-        with torch.enable_grad():
+        # Hessian-vector products differentiate the layers twice: exact forms (and the
+        # math kernel of attention, CPU's fused one has no second derivative).
+        with torch.enable_grad(), exact_layers(self.module, vectorised=False, second_order=True):
             fast = [params[n].detach().requires_grad_(True) for n in adapted]
             query_loss = loss_at(fast, index(task.query_x, t), index(task.query_y, t))
             rhs = list(torch.autograd.grad(query_loss, fast))

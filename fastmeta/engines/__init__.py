@@ -7,7 +7,8 @@
 - ``"loop"``: ``functional_call`` and autograd, task by task: the memory of one task,
   and no batching rule involved.
 - ``"auto"`` (default): ``"vmap"`` where a first-call check finds it exact for the model,
-  ``"higher"`` otherwise, with a warning that names the reason.
+  otherwise the faster of ``"higher"`` and ``"loop"`` (timed on the first meta-steps; one
+  that cannot run the model is left out), with a warning that names the reason.
 
 Every engine runs the layers whose torch kernels give wrong or missing meta-gradients in
 exact forms (:func:`exact_layers`) and refuses the ones no engine can run exactly.

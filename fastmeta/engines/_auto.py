@@ -1,20 +1,27 @@
-"""``engine="auto"``: the vectorised engine where it is exact for the model, higher otherwise.
+"""``engine="auto"``: the vectorised engine where it is exact for the model, otherwise the
+fastest per-task exact engine (``higher`` or ``loop``) that runs it.
 
 The choice is made once per kind of call, before the first one runs:
 
 1. Static obstacles (an inner optimiser without a functional rule, a recurrent layer
-   ``vmap`` cannot batch) choose higher at construction, with a warning.
+   ``vmap`` cannot batch) rule out the vectorised engine at construction, with a warning.
 2. Before the first ``adapt`` and the first meta-gradient, a *probe* runs the learner's
-   computation on a float64 copy of itself, on the first two tasks of the batch, with both
-   engines, and compares the results (adapted weights, or the meta-gradient written into
-   ``.grad``). The vectorised engine is kept only if they agree; a failure of the
-   vectorised engine where higher succeeds (torch.func's refusals: a missing batching
-   rule, ``.item()`` or data-dependent control flow under ``vmap``, an in-place write into
-   a captured tensor, ...) chooses higher as well. Either way one warning says why. The
-   probe never changes the learner, its model or the random-number state.
+   computation on a float64 copy of itself, on the first two tasks of the batch, with the
+   vectorised engine and a per-task reference (higher, or ``loop`` where higher cannot run
+   the model), and compares the results (adapted weights, or the meta-gradient written
+   into ``.grad``). The vectorised engine is kept only if they agree; a failure of the
+   vectorised engine where the reference succeeds (torch.func's refusals: a missing
+   batching rule, ``.item()`` or data-dependent control flow under ``vmap``, an in-place
+   write into a captured tensor, ...) rules it out as well. Either way one warning says
+   why. The probe never changes the learner, its model or the random-number state.
 3. Without the probe (``verify_engine=False``), the first call that torch.func refuses
-   (recognised by :func:`is_torch_func_refusal`) is retried with higher; if the retry
-   fails too, the error was the input's: it is raised and the engine stays.
+   (recognised by :func:`is_torch_func_refusal`) is retried with higher, then ``loop``;
+   if every retry fails, the error was the input's: it is raised and the engine stays.
+
+Where the vectorised engine is ruled out, the per-task engines that run the model (higher
+and ``loop``; ``loop`` needs an inner optimiser with a functional rule) are timed on the
+next meta-steps (:class:`~fastmeta.engines.Tuner`) and the fastest is kept; one that fails
+is left out and the meta-step runs on the next, so the user never sees its error.
 
 After that the engine never changes: a later error is the input's, and it is raised.
 """
@@ -100,6 +107,15 @@ def smaller_probe(task: TaskBatch) -> TaskBatch:
                          query_y=tree_map(cut, task.query_y))
 
 
+def per_task_engines(optimizer: InnerOptimizer) -> list[tuple[str, Engine]]:
+    """The exact engines that run one task at a time, in the order ``auto`` tries them:
+    higher, and ``loop`` where the inner optimiser has a functional rule."""
+    engines: list[tuple[str, Engine]] = [("higher", HigherEngine())]
+    if optimizer.functional:
+        engines.append(("loop", LoopEngine()))
+    return engines
+
+
 def vmap_obstacle(model: nn.Module, optimizer: InnerOptimizer) -> str | None:
     """Why the vectorised engine cannot run this configuration, or ``None``."""
     if not optimizer.functional:
@@ -116,8 +132,8 @@ class EngineDecision:
     """How ``engine="auto"`` chose, as ``learner.engine_decision`` reports it.
 
     Attributes:
-        engine: the engine that runs (``"vmap"`` or ``"higher"``).
-        reason: why, in words.
+        engine: the engine that runs (``"vmap"``, ``"loop"`` or ``"higher"``).
+        reason: why, in words (with the errors of the engines that were ruled out).
         checked: the kinds of call whose results were compared between the engines
             (``"adapt"``, ``"meta_gradient"``).
         max_error: worst relative difference between the engines in those checks
@@ -187,14 +203,16 @@ class AutoEngine(Engine):
                  verify: bool = True, tune: bool = True,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         obstacle = vmap_obstacle(model, optimizer)
+        self._fallbacks = per_task_engines(optimizer)
         self.verify = verify
         self.tune = tune and not compile  # compile=True asks for the vectorised engine
         self._clock = clock
         self._tuner: Tuner | None = None
         self._latest_key: Key | None = None
-        self._higher = HigherEngine()
+        self._probe_failures: dict[str, str] = {}
+        self._reference = "higher"  # the per-task engine the latest check compared with
         self._vmap: VmapEngine | None = None if obstacle else VmapEngine(compile=compile)
-        self._current: Engine = self._vmap or self._higher
+        self._current: Engine = self._vmap or self._fallbacks[0][1]
         self._settled = obstacle is not None  # no more fallbacks once a call went through
         self._checked: list[str] = []
         self._max_error: float | None = None
@@ -203,7 +221,7 @@ class AutoEngine(Engine):
             obstacle or "vectorised, until a first call checks it against higher"
         )
         if obstacle:
-            self._warn(obstacle)
+            self._fall_back(obstacle, {}, stacklevel=7)
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -218,6 +236,9 @@ class AutoEngine(Engine):
         tuner, key = self._tuner, self._latest_key
         timings = tuner.timings.get(key) if tuner is not None and key is not None else None
         reason = self._reason
+        if tuner is not None:
+            reason += "".join(f"; {label!r} fails on this model ({why})"
+                              for label, why in tuner.failures.items())
         if timings:
             reason += f"; measured fastest: {tuner.chosen[key]}"  # type: ignore[union-attr,index]
         return EngineDecision(self.name, reason, tuple(self._checked), self._max_error,
@@ -243,17 +264,29 @@ class AutoEngine(Engine):
         if self._tuner is not None:
             self._tuner.decide(agree)
 
-    def _warn(self, reason: str) -> None:
+    def _warn(self, reason: str, timed: list[str], stacklevel: int) -> None:
+        name = self._current.name
+        then = (f"; it times {' and '.join(repr(label) for label in timed)} on the next "
+                f"meta-steps and keeps the faster" if len(timed) > 1 else "")
         warnings.warn(
-            f"engine='auto' uses the 'higher' engine: {reason}. Pass engine='higher' to "
-            f"choose it explicitly and silence this warning.",
+            f"engine='auto' uses the {name!r} engine: {reason}{then}. Pass engine={name!r} "
+            f"to choose it explicitly and silence this warning.",
             UserWarning,
-            stacklevel=6,
+            stacklevel=stacklevel,
         )
 
-    def _switch_to_higher(self, reason: str) -> None:
-        self._current, self._reason, self._settled = self._higher, reason, True
-        self._warn(reason)
+    def _fall_back(self, reason: str, failures: dict[str, str], *, stacklevel: int = 6) -> None:
+        """Rule out the vectorised engine: run the per-task engines not in ``failures``
+        (label -> error), timed against each other if there are several."""
+        working = [(label, engine) for label, engine in self._fallbacks
+                   if label not in failures] or self._fallbacks
+        self._current, self._settled = working[0][1], True
+        self._reason = reason + "".join(f"; {label!r} fails on this model too ({why})"
+                                        for label, why in failures.items())
+        if len(working) > 1:
+            self._tuner = None
+            self._start_tuning(working)
+        self._warn(reason, [label for label, _ in working] if self.tune else [], stacklevel)
 
     def needs_check(self, kind: str) -> bool:
         """Whether :meth:`check` would run a probe for ``kind``."""
@@ -284,32 +317,36 @@ class AutoEngine(Engine):
             raise failure
         if verdict == DISAGREE:
             self._checked.append(kind)
-            self._switch_to_higher(reason)
-            # torch.func runs the model but a batching rule is wrong: without vmap,
-            # task by task, it is exact, and may be faster than higher.
-            if "differs" in reason:
-                self._start_tuning([("higher", self._higher), ("loop", LoopEngine())])
+            self._fall_back(reason, self._probe_failures)
         elif verdict == AGREE:
             self._checked.append(kind)
-            self._reason = f"vectorised; checked against higher ({', '.join(self._checked)})"
+            self._reason = (f"vectorised; checked against {self._reference} "
+                            f"({', '.join(self._checked)})")
 
     def _probe_both(self, probe: Probe, kind: str) -> tuple[int, str]:
         """``(verdict, reason)`` of one comparison: in float64 if the model runs in it, on
         the small problem if higher runs that (a model built for one query size may not)."""
         for dtype, small in ((torch.float64, True), (torch.float64, False), (None, True),
                              (None, False)):
-            try:
-                reference = probe(self._higher, dtype, small)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception:  # e.g. a model that mixes in float32 constants: try its dtype
+            failures: dict[str, str] = {}
+            for label, engine in self._fallbacks:  # the first per-task engine that runs it
+                try:
+                    reference = probe(engine, dtype, small)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as error:  # e.g. float32 constants: try the model's dtype
+                    failures[label] = _first_line(error)
+                    continue
+                break
+            else:
                 continue
+            self._probe_failures, self._reference = failures, label
             try:
                 candidate = probe(VmapEngine(), dtype, small)
             except torch.OutOfMemoryError:
                 raise
             except Exception as error:
-                return DISAGREE, (f"the vectorised engine fails on this model where higher "
+                return DISAGREE, (f"the vectorised engine fails on this model where {label} "
                                   f"runs it ({_first_line(error)})")
             if not all(torch.isfinite(t).all() for t in reference.values()):
                 return INCONCLUSIVE, ""  # diverged: nothing to compare, the call will say so
@@ -320,8 +357,8 @@ class AutoEngine(Engine):
             return DISAGREE, (
                 f"its {'adapted weights differ' if kind == 'adapt' else 'meta-gradient differs'} "
                 f"from a per-task computation on this model "
-                f"(relative error {difference:.1e} on {where!r}; a batching rule of torch.func "
-                f"is wrong for one of its layers)"
+                f"(relative error {difference:.1e} on {where!r} against {label}; a batching "
+                f"rule of torch.func is wrong for one of its layers)"
             )
         return INCONCLUSIVE, ""  # higher failed too: the input's error shows in the call
 
@@ -349,8 +386,12 @@ class AutoEngine(Engine):
                 return "vmap"
             return None
 
+        def undo() -> None:  # a backward pass that broke off may have written .grad
+            for tensor in module.parameters():
+                tensor.grad = None
+
         _, losses = tuner.run(self._latest_key, lambda engine: engine.meta_gradient(
-            module, task, loop, outer, order=order), twin)
+            module, task, loop, outer, order=order), twin, undo)
         return losses
 
     def _call(self, verb: str, module: nn.Module, task: TaskBatch, loop: InnerLoop, *args: Any,
@@ -365,14 +406,19 @@ class AutoEngine(Engine):
         except RuntimeError as error:
             if not is_torch_func_refusal(error):
                 raise
-            if verb == "meta_gradient":  # a backward pass that broke off may have written .grad
-                for tensor in module.parameters():
-                    tensor.grad = None
-            try:
-                output = attempt(self._higher)
-            except Exception:
-                raise error from None  # the input's error: the engine stays
-            self._switch_to_higher(f"torch.func refused this model ({_first_line(error)})")
-            return output
+            failures: dict[str, str] = {}
+            for label, engine in self._fallbacks:
+                if verb == "meta_gradient":  # a backward that broke off may have written .grad
+                    for tensor in module.parameters():
+                        tensor.grad = None
+                try:
+                    output = attempt(engine)
+                except Exception as fallback_error:
+                    failures[label] = _first_line(fallback_error)
+                    continue
+                self._fall_back(f"torch.func refused this model ({_first_line(error)})",
+                                failures)
+                return output
+            raise error from None  # the input's error: the engine stays
         self._settled = True
         return output

@@ -12,6 +12,10 @@ chunks of 4 tasks, on 4 tasks or fewer, is ``vmap``) is not run for its turn: th
 candidate measured so far runs instead, and the twin's time counts as its own. So the
 number of tuning steps never depends on the batch (every process of a data-parallel job
 decides at the same meta-step), and a meta-batch of 4 spends no step on a slow twin.
+
+A candidate that raises while it is tried is left out from then on (its error kept in
+:attr:`Tuner.failures`) and the meta-step runs on the next candidate; only if every
+candidate fails was the error the input's, and the first one is raised.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class Tuner:
         self._twins: dict[Key, dict[str, str]] = {}  # label -> the candidate it equals
         self.chosen: dict[Key, str] = {}
         self.timings: dict[Key, dict[str, float]] = {}
+        self.failures: dict[str, str] = {}  # label -> the error that ruled it out
 
     @property
     def steps(self) -> int:
@@ -59,7 +64,8 @@ class Tuner:
         return 1 + self.rounds * len(self.candidates)
 
     def run(self, key: Key, call: Callable[[Engine], Any],
-            twin: Callable[[str], str | None] | None = None) -> tuple[str, Any]:
+            twin: Callable[[str], str | None] | None = None,
+            undo: Callable[[], None] | None = None) -> tuple[str, Any]:
         """Run ``call(engine)`` on the engine for ``key`` (timing it while tuning).
 
         Args:
@@ -67,30 +73,56 @@ class Tuner:
             call: runs one meta-step on the engine it is given.
             twin: for a label, the label of an earlier candidate that runs the same
                 computation on this batch, or ``None``.
+            undo: clears what a failed ``call`` may have left (a partial ``.grad``)
+                before the next candidate runs.
         """
         engines = dict(self.candidates)
         if key in self.chosen:
             label = self.chosen[key]
             return label, call(engines[label])
         position = self._calls.get(key, 0)
-        if position >= self.steps:  # measured, waiting for decide()
-            label = self.candidates[0][0]
-            return label, call(engines[label])
+        if position == 0 or position >= self.steps:  # warm-up, or waiting for decide()
+            self._calls[key] = max(position, 1)
+            return self._run_first(call, self._working()[0], undo)
         self._calls[key] = position + 1
-        if position == 0:
-            label = self.candidates[0][0]
-            return label, call(engines[label])
         label = self.candidates[(position - 1) % len(self.candidates)][0]
         times = self._times.setdefault(key, {})
         same = twin(label) if twin is not None else None
         if same is not None:
             self._twins.setdefault(key, {})[label] = same
-            measured = {k: min(v) for k, v in times.items() if v}
-            label = min(measured, key=measured.__getitem__) if measured else same
+        if same is not None or label in self.failures:  # run the fastest measured instead
+            measured = {k: min(v) for k, v in times.items() if v and k not in self.failures}
+            label = min(measured, key=measured.__getitem__) if measured else (
+                same if same is not None and same not in self.failures else self._working()[0])
         start = self.clock()
-        result = call(engines[label])
+        label, result = self._run_first(call, label, undo)
         times.setdefault(label, []).append(self.clock() - start)
         return label, result
+
+    def _working(self) -> list[str]:
+        """The labels of the candidates that have not failed, in order (at least one)."""
+        labels = [label for label, _ in self.candidates if label not in self.failures]
+        return labels or [self.candidates[0][0]]
+
+    def _run_first(self, call: Callable[[Engine], Any], label: str,
+                   undo: Callable[[], None] | None) -> tuple[str, Any]:
+        """``call`` on ``label``'s engine, or on the next working candidate if it fails."""
+        engines, tried, errors = dict(self.candidates), [], []
+        order = [label] + [other for other in self._working() if other != label]
+        for current in order:
+            try:
+                return current, call(engines[current])
+            except Exception as error:  # noqa: PERF203 - one try per candidate
+                if undo is not None:
+                    undo()
+                tried.append(current)
+                errors.append(error)
+                text = str(error).strip()
+                self.failures[current] = (
+                    f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300])
+        for current in tried:  # every candidate failed: the input's error, not theirs
+            del self.failures[current]
+        raise errors[0]
 
     def ready(self) -> list[Key]:
         """Batch shapes measured but not decided yet."""
@@ -105,7 +137,11 @@ class Tuner:
         """
         for key in self.ready():
             times, twins = self._times[key], self._twins.get(key, {})
-            best = [min(times[twins.get(label, label)]) for label, _ in self.candidates]
+            best = [min(times.get(twins.get(label, label)) or [float("inf")])
+                    if label not in self.failures else float("inf")
+                    for label, _ in self.candidates]
             combined = agree(best) if agree is not None else best
-            self.timings[key] = {label: t for (label, _), t in zip(self.candidates, combined)}
-            self.chosen[key] = min(self.timings[key], key=self.timings[key].__getitem__)
+            labels = [label for label, _ in self.candidates]
+            self.chosen[key] = labels[min(range(len(labels)), key=combined.__getitem__)]
+            self.timings[key] = {label: t for label, t in zip(labels, combined)
+                                 if t != float("inf")}  # a candidate that failed has none

@@ -16,7 +16,9 @@ higher engine returns the copy's updated running statistics, this engine the mod
 
 torch's batching rules give wrong meta-gradients for batch norm, layer norm, instance norm
 and embeddings with ``padding_idx``; :func:`fastmeta.engines.exact_layers` replaces them
-with forms that are exact under ``vmap`` while this engine runs.
+with forms that are exact under ``vmap`` while this engine runs. Hugging Face attention
+masks are built explicitly (``vectorised_masks`` in ``fastmeta/engines/_masks.py``), not
+skipped after a check on their values that ``vmap`` cannot run.
 
 Random layers (Dropout) draw their own masks for every task (``vmap`` with
 ``randomness="different"``), as they would with one task at a time.
@@ -49,6 +51,7 @@ from ._base import (
     Params,
 )
 from ._exact import exact_layers, quiet_batching_fallbacks
+from ._masks import vectorised_masks
 
 
 def one_task(
@@ -195,6 +198,7 @@ class VmapEngine(Engine):
         trainable, frozen, buffers = split_parameters(module)
         second_order = order is MetaGrad.SECOND_ORDER
         with exact_layers(module, vectorised=True, second_order=second_order), \
+                vectorised_masks(), \
                 torch.no_grad() if order is MetaGrad.NONE else contextlib.nullcontext():
             _, _, support_losses, params = _meta_batch(
                 module, loop, order, None, trainable, frozen, buffers, task, loop.batch_indices)
@@ -209,7 +213,7 @@ class VmapEngine(Engine):
         trainable, frozen, buffers = split_parameters(module)
         fn = partial(_meta_batch, module, loop, order, outer)
         with exact_layers(module, vectorised=True,
-                          second_order=order is MetaGrad.SECOND_ORDER):
+                          second_order=order is MetaGrad.SECOND_ORDER), vectorised_masks():
             objectives, query_losses, support_losses, _ = self._maybe_compiled(
                 fn, module, loop, outer, order)(trainable, frozen, buffers, task,
                                                 loop.batch_indices)
