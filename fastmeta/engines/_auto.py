@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -37,6 +38,16 @@ from ._base import Adaptation, Engine, InnerLoop, MetaGrad, MetaLosses, OuterObj
 from ._exact import unvectorisable_layer
 from ._higher import HigherEngine
 from ._loop import LoopEngine
+from ._memory import (
+    MemoryRecord,
+    is_out_of_memory,
+    largest_fitting_chunk,
+    predicted_peak,
+    release_memory,
+    resolve_budget,
+    run_within_memory,
+    task_footprint,
+)
 from ._tuner import Key, Tuner, shape_key
 from ._vmap import VmapEngine
 
@@ -129,6 +140,15 @@ class EngineDecision:
             fewer, chunks of 4 are plain ``vmap`` and get its time).
         tuning: whether the next meta-steps still time candidates (for the latest batch
             shape, or for the first one): the engine may change once they are done.
+        memory_budget: bytes a meta-step may add to the memory in use (the resolved
+            ``memory_budget``; ``None`` where the device does not say how much it has).
+        task_footprint: bytes autograd saves for one task of the latest batch shape.
+        predicted_peaks: bytes each candidate is predicted to add at its peak, by label
+            (``"vmap"`` too where it is over the budget and never runs).
+        measured_peaks: bytes each candidate added at its peak where that was seen (the
+            process's high-water mark rose during its step), by label.
+        out_of_memory: labels of the candidates that ran out of memory (each time); that
+            meta-step was run again on a smaller candidate.
     """
 
     engine: str
@@ -138,6 +158,11 @@ class EngineDecision:
     check_seconds: float = 0.0
     timings: dict[str, float] | None = None
     tuning: bool = False
+    memory_budget: int | None = None
+    task_footprint: int | None = None
+    predicted_peaks: dict[str, int] | None = None
+    measured_peaks: dict[str, int] | None = None
+    out_of_memory: tuple[str, ...] = ()
 
 
 def _first_line(error: BaseException) -> str:
@@ -185,8 +210,17 @@ class AutoEngine(Engine):
 
     def __init__(self, model: nn.Module, optimizer: InnerOptimizer, *, compile: bool,
                  verify: bool = True, tune: bool = True,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter,
+                 memory_budget: int | None = None) -> None:
         obstacle = vmap_obstacle(model, optimizer)
+        self.memory_budget = memory_budget  # bytes; None: a fraction of what is free
+        self.memory: dict[Key, MemoryRecord] = {}
+        # The tensors whose .grad a failed meta-step must restore (the learner's parameters).
+        self.grads_of: Callable[[], Iterable[Tensor]] | None = None
+        self._loop = LoopEngine()
+        self._chunked: dict[int, VmapEngine] = {}
+        self._untuned: dict[Key, str] = {}
+        self._adapt_out_of_memory: list[str] = []
         self.verify = verify
         self.tune = tune and not compile  # compile=True asks for the vectorised engine
         self._clock = clock
@@ -209,7 +243,9 @@ class AutoEngine(Engine):
     def name(self) -> str:  # type: ignore[override]
         tuner, key = self._tuner, self._latest_key
         if tuner is not None and key in tuner.chosen:
-            return dict(tuner.candidates)[tuner.chosen[key]].name
+            return dict(tuner.candidates_for(key))[tuner.chosen[key]].name
+        if key in self._untuned:
+            return "loop" if self._untuned[key] == "loop" else "vmap"
         return self._current.name
 
     @property
@@ -220,8 +256,17 @@ class AutoEngine(Engine):
         reason = self._reason
         if timings:
             reason += f"; measured fastest: {tuner.chosen[key]}"  # type: ignore[union-attr,index]
+        memory = self.memory.get(key) if key is not None else None
+        failures = (*(memory.out_of_memory if memory else ()), *self._adapt_out_of_memory)
+        if failures:
+            reason += f"; out of memory once on: {', '.join(failures)}"
+        if memory is None:
+            return EngineDecision(self.name, reason, tuple(self._checked), self._max_error,
+                                  self._seconds, timings, self._tuning(), out_of_memory=failures)
         return EngineDecision(self.name, reason, tuple(self._checked), self._max_error,
-                              self._seconds, timings, self._tuning())
+                              self._seconds, timings, self._tuning(), memory.budget,
+                              memory.footprint, dict(memory.predicted), dict(memory.measured),
+                              failures)
 
     def _tuning(self) -> bool:
         if not self.tune:
@@ -327,7 +372,16 @@ class AutoEngine(Engine):
 
     def adapt(self, module: nn.Module, task: TaskBatch, loop: InnerLoop, *,
               order: MetaGrad = MetaGrad.NONE) -> Adaptation:
-        return self._call("adapt", module, task, loop, order=order)
+        vectorised = self._current is self._vmap
+        try:
+            return self._call("adapt", module, task, loop, order=order)
+        except (RuntimeError, torch.OutOfMemoryError) as error:
+            if not (vectorised and is_out_of_memory(error)):
+                raise
+        # Out of memory with every task at once: free it, then one task at a time.
+        release_memory(_device_of(module))
+        self._adapt_out_of_memory.append(f"adapt with vmap on {task.num_tasks} tasks")
+        return self._loop.adapt(module, task, loop, order=order)
 
     def meta_loss(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
                   outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
@@ -335,33 +389,126 @@ class AutoEngine(Engine):
 
     def meta_gradient(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
                       outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
-        if self._settled and self._current is self._vmap:
-            self._start_tuning([("vmap", self._vmap), ("loop", LoopEngine()),
-                                ("vmap, chunks of 4", VmapEngine(chunk_size=4))])
+        if self._vmap is not None and self._current is self._vmap:
+            return self._vmap_meta_gradient(module, task, loop, outer, order=order)
         tuner = self._tuner
         if tuner is None or not self._settled or not (self.tune or tuner.chosen):
             return self._call("meta_gradient", module, task, loop, outer, order=order)
         self._latest_key = shape_key(task)
+        _, losses = tuner.run(self._latest_key, lambda engine: engine.meta_gradient(
+            module, task, loop, outer, order=order))
+        return losses
+
+    def _vmap_meta_gradient(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
+                            outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
+        """The vectorised engine's meta-step within the memory budget (tuned if asked)."""
+        key = self._latest_key = shape_key(task)
+        record = self._plan_memory(key, module, task, loop, outer, order)
+        candidates, excluded = self._memory_candidates(task.num_tasks, record)
+        allowed = [c for c in candidates
+                   if c[0] not in excluded and c[0] not in record.out_of_memory] or candidates[:1]
+        device = _device_of(module)
+        grads = self.grads_of or module.parameters
+
+        def run(label: str, on_failure: Callable[[str], None] = lambda label: None) -> Any:
+            return run_within_memory(
+                record, allowed, label, lambda engine: engine.meta_gradient(
+                    module, task, loop, outer, order=order),
+                device=device, grads=grads, on_failure=on_failure)
+
+        largest = allowed[-1]  # the vectorised candidate with the largest predicted peak
+        if not self._settled and "meta_gradient" not in self._checked:
+            # unchecked: this call finds out whether torch.func runs the model at all
+            return self._call("meta_gradient", module, task, loop, outer, order=order,
+                              first=largest[1])
+        self._settled = True
+        self._start_tuning([("loop", self._loop), ("vmap, chunks of 4", self._chunks(4)),
+                            ("vmap", self._vmap)])  # type: ignore[list-item]
+        tuner = self._tuner
+        if tuner is None or not (self.tune or tuner.chosen):
+            label, losses = run(largest[0])
+            self._untuned[key] = label
+            return losses
+        if tuner.candidates_for(key) is tuner.candidates and key not in tuner.chosen:
+            tuner.plan(key, candidates, excluded)
 
         def twin(label: str) -> str | None:  # one chunk holding every task is plain vmap
-            engine = dict(tuner.candidates)[label]
+            engine = dict(candidates)[label]
             if isinstance(engine, VmapEngine) and engine.chunk_size and not engine.splits(task):
                 return "vmap"
             return None
 
-        _, losses = tuner.run(self._latest_key, lambda engine: engine.meta_gradient(
-            module, task, loop, outer, order=order), twin)
+        def call(engine: Engine) -> Any:
+            label = next(name for name, e in candidates if e is engine)
+            return run(label, partial(tuner.exclude, key))[1]
+
+        _, losses = tuner.run(key, call, twin)
         return losses
 
+    def _chunks(self, size: int) -> VmapEngine:
+        if size not in self._chunked:
+            self._chunked[size] = VmapEngine(chunk_size=size)
+        return self._chunked[size]
+
+    def _plan_memory(self, key: Key, module: nn.Module, task: TaskBatch, loop: InnerLoop,
+                     outer: OuterObjective, order: MetaGrad) -> MemoryRecord:
+        """The footprint of one task of this batch shape, measured once, and the budget."""
+        if key in self.memory:
+            return self.memory[key]
+        devices = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
+        try:
+            with torch.random.fork_rng(devices=devices):  # dropout draws nothing for real
+                footprint = task_footprint(self._loop, module, task, loop, outer, order)
+        except Exception as error:
+            if is_out_of_memory(error):
+                raise
+            # The model fails on this batch: the call itself raises that error (with the
+            # engine the user would see); there is nothing to plan.
+            return MemoryRecord(None, 0, {})
+        budget = resolve_budget(self.memory_budget, _device_of(module))
+        weights = _parameter_bytes(module)
+        record = self.memory[key] = MemoryRecord(budget, footprint, {}, weights)
+        tasks = task.num_tasks
+        for label, engine in (("loop", self._loop), ("higher", self._higher),
+                              ("vmap", self._vmap or VmapEngine())):
+            record.predicted[label] = predicted_peak(engine, tasks, footprint, weights)
+        return record
+
+    def _memory_candidates(self, tasks: int, record: MemoryRecord
+                           ) -> tuple[list[tuple[str, Engine]], list[str]]:
+        """``[loop, vmap in chunks of min(4, c), vmap (or in chunks of c)]`` with ``c`` the
+        most tasks at once that fit the budget, and the labels predicted over it.
+
+        Always three candidates, so that every batch shape (and every process of a
+        data-parallel job) decides after the same number of meta-steps; the per-task loop,
+        the smallest, is never excluded."""
+        weights = record.parameter_bytes
+        fits = (largest_fitting_chunk(tasks, record.footprint, weights, record.budget)
+                if record.footprint else tasks)
+        small = 4 if fits >= min(4, tasks) else max(fits, 1)
+        assert self._vmap is not None
+        big: tuple[str, Engine] = ("vmap", self._vmap)
+        if fits < tasks and fits > 4:
+            big = (f"vmap, chunks of {fits}", self._chunks(fits))
+        candidates = [("loop", self._loop), (f"vmap, chunks of {small}", self._chunks(small)),
+                      big]
+        excluded = []
+        for label, engine in candidates[1:]:
+            peak = predicted_peak(engine, tasks, record.footprint, weights)
+            record.predicted.setdefault(label, peak)
+            if record.budget is not None and record.footprint and peak > record.budget:
+                excluded.append(label)
+        return candidates, excluded
+
     def _call(self, verb: str, module: nn.Module, task: TaskBatch, loop: InnerLoop, *args: Any,
-              **kwargs: Any) -> Any:
+              first: Engine | None = None, **kwargs: Any) -> Any:
         def attempt(engine: Engine) -> Any:
             return getattr(engine, verb)(module, task, loop, *args, **kwargs)
 
         if self._settled:
             return attempt(self._current)
         try:
-            output = attempt(self._current)
+            output = attempt(first or self._current)
         except RuntimeError as error:
             if not is_torch_func_refusal(error):
                 raise
@@ -376,3 +523,12 @@ class AutoEngine(Engine):
             return output
         self._settled = True
         return output
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    first = next(iter(module.parameters()), None)
+    return torch.device("cpu") if first is None else first.device
+
+
+def _parameter_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())

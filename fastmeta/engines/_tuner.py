@@ -12,10 +12,16 @@ chunks of 4 tasks, on 4 tasks or fewer, is ``vmap``) is not run for its turn: th
 candidate measured so far runs instead, and the twin's time counts as its own. So the
 number of tuning steps never depends on the batch (every process of a data-parallel job
 decides at the same meta-step), and a meta-batch of 4 spends no step on a slow twin.
+
+A batch shape may have candidates of its own (:meth:`Tuner.plan`: ``vmap`` in the largest
+chunks that fit the memory budget), and candidates may be *excluded* for it (predicted
+over the budget, or out of memory once): an excluded candidate's turns run the fastest one
+measured so far, its time is not counted, and it is never chosen.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -50,8 +56,36 @@ class Tuner:
         self._calls: dict[Key, int] = {}
         self._times: dict[Key, dict[str, list[float]]] = {}
         self._twins: dict[Key, dict[str, str]] = {}  # label -> the candidate it equals
+        self._plans: dict[Key, list[tuple[str, Engine]]] = {}
+        self.excluded: dict[Key, set[str]] = {}
         self.chosen: dict[Key, str] = {}
         self.timings: dict[Key, dict[str, float]] = {}
+
+    def candidates_for(self, key: Key) -> list[tuple[str, Engine]]:
+        """The candidates of batch shape ``key`` (:meth:`plan`, else the tuner's own)."""
+        return self._plans.get(key, self.candidates)
+
+    def plan(self, key: Key, candidates: Sequence[tuple[str, Engine]],
+             excluded: Sequence[str] = ()) -> None:
+        """Candidates for batch shape ``key`` alone (as many as the tuner's own, so that
+        every shape decides after :attr:`steps`), some of them excluded."""
+        if len(candidates) != len(self.candidates):
+            raise ValueError(f"a plan needs {len(self.candidates)} candidates, got "
+                             f"{len(candidates)}")
+        self._plans[key] = list(candidates)
+        self.excluded[key] = set(excluded)
+
+    def exclude(self, key: Key, label: str) -> None:
+        """Never run or choose ``label`` again for ``key`` (it ran out of memory); a choice
+        already made for it moves to the fastest candidate left."""
+        self.excluded.setdefault(key, set()).add(label)
+        if self.chosen.get(key) == label:
+            left = {k: t for k, t in self.timings[key].items()
+                    if k not in self.excluded[key]}
+            if left:
+                self.chosen[key] = min(left, key=left.__getitem__)
+            else:
+                del self.chosen[key]
 
     @property
     def steps(self) -> int:
@@ -68,24 +102,29 @@ class Tuner:
             twin: for a label, the label of an earlier candidate that runs the same
                 computation on this batch, or ``None``.
         """
-        engines = dict(self.candidates)
+        candidates = self.candidates_for(key)
+        engines = dict(candidates)
+        excluded = self.excluded.get(key, set())
         if key in self.chosen:
             label = self.chosen[key]
             return label, call(engines[label])
         position = self._calls.get(key, 0)
+        first = next((label for label, _ in candidates if label not in excluded),
+                     candidates[0][0])
         if position >= self.steps:  # measured, waiting for decide()
-            label = self.candidates[0][0]
-            return label, call(engines[label])
+            return first, call(engines[first])
         self._calls[key] = position + 1
         if position == 0:
-            label = self.candidates[0][0]
-            return label, call(engines[label])
-        label = self.candidates[(position - 1) % len(self.candidates)][0]
+            return first, call(engines[first])
+        label = candidates[(position - 1) % len(candidates)][0]
         times = self._times.setdefault(key, {})
+        measured = {k: min(v) for k, v in times.items() if v and k not in excluded}
+        if label in excluded:  # the fastest so far runs, and its time is not counted
+            label = min(measured, key=measured.__getitem__) if measured else first
+            return label, call(engines[label])
         same = twin(label) if twin is not None else None
         if same is not None:
             self._twins.setdefault(key, {})[label] = same
-            measured = {k: min(v) for k, v in times.items() if v}
             label = min(measured, key=measured.__getitem__) if measured else same
         start = self.clock()
         result = call(engines[label])
@@ -105,7 +144,11 @@ class Tuner:
         """
         for key in self.ready():
             times, twins = self._times[key], self._twins.get(key, {})
-            best = [min(times[twins.get(label, label)]) for label, _ in self.candidates]
+            excluded = self.excluded.get(key, set())
+            candidates = self.candidates_for(key)
+            best = [math.inf if label in excluded else min(times[twins.get(label, label)])
+                    for label, _ in candidates]
             combined = agree(best) if agree is not None else best
-            self.timings[key] = {label: t for (label, _), t in zip(self.candidates, combined)}
+            self.timings[key] = {label: t for (label, _), t in zip(candidates, combined)
+                                 if math.isfinite(t)}
             self.chosen[key] = min(self.timings[key], key=self.timings[key].__getitem__)

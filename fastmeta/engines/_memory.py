@@ -1,0 +1,367 @@
+"""Memory as a budget: what one task costs, what each engine would need, what fits.
+
+``engine="auto"`` runs nothing large before it knows its cost:
+
+1. **Footprint.** Once per batch shape, the per-task engine runs the meta-objective of
+   *one* task (forward and inner steps, no backward) while
+   ``torch.autograd.graph.saved_tensors_hooks`` counts the bytes autograd keeps for the
+   backward pass (each storage once, the parameters and the batch not counted). That works
+   the same on every device.
+2. **Prediction.** The per-task engines (``loop``, ``higher``) hold one task's graph at a
+   time: :data:`LOOP_FACTOR` × footprint. ``vmap`` holds every task's graph at once, and
+   its batched kernels keep a little more per task: :data:`VMAP_FACTOR` × tasks ×
+   footprint; ``vmap`` in chunks of ``c`` tasks, ``c`` tasks' worth. Both add the
+   meta-gradient and one copy of the adapted weights (2 × the parameters' bytes).
+3. **Budget.** ``memory_budget="auto"`` (the default) is :data:`AUTO_FRACTION` of what the
+   device can still give: on CUDA the free memory (``torch.cuda.mem_get_info``) plus what
+   torch's caching allocator holds unused; on a CPU the smallest of ``MemAvailable``
+   (``/proc/meminfo``), the address-space limit (``RLIMIT_AS``) above the process's size,
+   and the cgroup's memory limit above its use. An explicit budget is bytes, or a string
+   such as ``"6GiB"`` or ``"512MB"``.
+4. **Fallback.** An out-of-memory error inside a meta-step (the prediction was wrong)
+   frees what it can, undoes any partial ``.grad``, is recorded, and the same meta-step
+   runs again on the next candidate with a smaller predicted peak.
+
+The factors were measured with ``benchmarks/scale.py``'s configurations (float32, CPU,
+resident-set high-water mark of a meta-step over the footprint): Conv-4 at the Omniglot
+shape 0.9 (loop) and 1.57 (``vmap``, per task), at the miniImageNet shape 0.98 and 1.64,
+a small Transformer 0.5 and 1.3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import re
+import resource
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._task import TaskBatch
+from .._tree import index, leaves
+from ._base import Engine, InnerLoop, MetaGrad, OuterObjective
+
+LOOP_FACTOR = 1.0
+VMAP_FACTOR = 1.7
+AUTO_FRACTION = 0.8
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+# Substrings of the errors torch raises when an allocation fails (CUDA raises
+# torch.OutOfMemoryError; the CPU allocator a RuntimeError).
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def parse_memory_budget(value: object) -> int | None:
+    """``memory_budget`` in bytes, or ``None`` for ``"auto"``.
+
+    Raises:
+        TypeError: not a number of bytes or a string.
+        ValueError: a string that is no size, or a budget that is not positive.
+    """
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return None
+        match = _SIZE.match(value)
+        unit = match.group(2).lower() if match else ""
+        if match is None or unit not in _UNITS:
+            raise ValueError(
+                f"memory_budget must be 'auto', a number of bytes or a size such as '6GiB' or "
+                f"'512MB' (units: {', '.join(u for u in _UNITS if u)}), got {value!r}")
+        size = float(match.group(1)) * _UNITS[unit]
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"memory_budget must be 'auto', a number of bytes or a string such "
+                        f"as '6GiB', got {value!r}")
+    else:
+        size = float(value)
+    if not math.isfinite(size) or size < 1:
+        raise ValueError(f"memory_budget must be at least 1 byte, got {value!r}; pass 'auto' "
+                         f"for a safe fraction of the device's free memory")
+    return int(size)
+
+
+def format_bytes(size: float) -> str:
+    """``size`` in MiB (or GiB from 10 GiB up), as the engines guide writes sizes."""
+    return f"{size / 2**30:.1f} GiB" if size >= 10 * 2**30 else f"{size / 2**20:.0f} MiB"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure (CUDA or CPU)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(
+        marker in str(error).lower() for marker in OUT_OF_MEMORY)
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _cgroup_headroom() -> int | None:
+    try:
+        with open("/sys/fs/cgroup/memory.max") as limit, \
+                open("/sys/fs/cgroup/memory.current") as used:
+            text = limit.read().strip()
+            return None if text == "max" else int(text) - int(used.read())
+    except (OSError, ValueError):
+        return None
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes ``device`` can still give this process, or ``None`` where nobody says."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + unused)
+    if device.type != "cpu":
+        return None
+    limits = []
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    size = _status_bytes("VmSize")
+    if soft != resource.RLIM_INFINITY and size is not None:
+        limits.append(soft - size)
+    cgroup = _cgroup_headroom()
+    if cgroup is not None:
+        limits.append(cgroup)
+    return max(min(limits), 0) if limits else None
+
+
+def resolve_budget(budget: int | None, device: torch.device) -> int | None:
+    """The budget in bytes: ``budget`` itself, or for ``"auto"`` (``None``) a fraction of
+    :func:`available_memory` (``None`` where the device does not say)."""
+    if budget is not None:
+        return budget
+    available = available_memory(device)
+    return None if available is None else int(AUTO_FRACTION * available)
+
+
+class SavedTensorMeter:
+    """Counts the bytes autograd saves for backward while it is active, and their peak.
+
+    Each storage counts once, however many views of it are saved; storages in ``resident``
+    (the parameters, the batch: held anyway) do not count. A saved tensor stops counting
+    when autograd lets it go (its graph is freed).
+    """
+
+    def __init__(self, resident: Iterable[Tensor] = ()) -> None:
+        self.resident = {_storage(t)[0] for t in resident}
+        self.live = self.peak = 0
+        self._counts: dict[int, list[int]] = {}  # storage -> [bytes, saved references]
+
+    def __enter__(self) -> SavedTensorMeter:
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.__exit__(*exc)
+
+    def _pack(self, tensor: Tensor) -> _Saved:
+        return _Saved(self, tensor)
+
+    def _add(self, key: int, size: int) -> None:
+        if key in self.resident:
+            return
+        entry = self._counts.setdefault(key, [size, 0])
+        if entry[1] == 0:
+            self.live += size
+            self.peak = max(self.peak, self.live)
+        entry[1] += 1
+
+    def _remove(self, key: int) -> None:
+        entry = self._counts.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live -= entry[0]
+            del self._counts[key]
+
+
+def _storage(tensor: Tensor) -> tuple[int, int]:
+    try:
+        storage = tensor.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except (RuntimeError, NotImplementedError):  # a tensor without a plain storage
+        return id(tensor), tensor.numel() * tensor.element_size()
+
+
+class _Saved:
+    """A saved tensor as autograd holds it while a :class:`SavedTensorMeter` counts."""
+
+    __slots__ = ("key", "meter", "tensor")
+
+    def __init__(self, meter: SavedTensorMeter, tensor: Tensor) -> None:
+        self.meter, self.tensor = meter, tensor
+        self.key, size = _storage(tensor)
+        meter._add(self.key, size)
+
+    def __del__(self) -> None:
+        self.meter._remove(self.key)
+
+
+def _unpack(saved: _Saved) -> Tensor:
+    return saved.tensor
+
+
+def task_footprint(loop_engine: Engine, module: nn.Module, task: TaskBatch, inner: InnerLoop,
+                   outer: OuterObjective, order: MetaGrad) -> int:
+    """Bytes autograd saves for the meta-objective of task 0 of ``task``, run by
+    ``loop_engine`` (forward and inner steps only; the graph is dropped unused)."""
+    first = TaskBatch(*(None if part is None else index(part, slice(0, 1)) for part in task))
+    indices = inner.batch_indices
+    one = dataclasses.replace(inner, batch_indices=None if indices is None else indices[:1])
+    resident = [*module.parameters(), *module.buffers(),
+                *(leaf for leaf in leaves(tuple(task)) if isinstance(leaf, Tensor))]
+    with torch.enable_grad(), SavedTensorMeter(resident) as meter:
+        losses = loop_engine.meta_loss(module, first, one, outer, order=order)
+        del losses
+    return meter.peak
+
+
+def predicted_peak(engine: Engine, tasks: int, footprint: int, parameter_bytes: int) -> int:
+    """Bytes above the memory in use that ``engine`` needs for a meta-step of ``tasks``."""
+    chunk = getattr(engine, "chunk_size", None)
+    if engine.name == "vmap":
+        at_once = tasks if chunk is None else min(chunk, tasks)
+        return int(VMAP_FACTOR * at_once * footprint) + 2 * parameter_bytes
+    return int(LOOP_FACTOR * footprint) + 2 * parameter_bytes
+
+
+def largest_fitting_chunk(tasks: int, footprint: int, parameter_bytes: int,
+                          budget: int | None) -> int:
+    """The most tasks ``vmap`` may take at once within ``budget`` (``tasks`` if all; 0 if
+    not one)."""
+    if budget is None:
+        return tasks
+    room = budget - 2 * parameter_bytes
+    if room <= 0:
+        return 0
+    return min(tasks, int(room // max(VMAP_FACTOR * footprint, 1.0)))
+
+
+class ProcessPeak:
+    """The process's memory high-water mark around a call, as far as it can be seen.
+
+    On CUDA ``torch.cuda.max_memory_allocated``, on Linux the resident-set high-water mark
+    (``VmHWM``); neither is reset (a user's own measurement stays whole), so a call's peak
+    is seen only where it raised the mark: :attr:`rise` is then the bytes above the memory
+    in use at its start, and ``None`` otherwise.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.rise: int | None = None
+
+    def _now(self) -> tuple[int | None, int | None]:
+        if self.device.type == "cuda":
+            return (torch.cuda.memory_allocated(self.device),
+                    torch.cuda.max_memory_allocated(self.device))
+        return _status_bytes("VmRSS"), _status_bytes("VmHWM")
+
+    def __enter__(self) -> ProcessPeak:
+        self._start, self._mark = self._now()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _, mark = self._now()
+        if None not in (self._start, self._mark, mark) and mark > self._mark:  # type: ignore[operator]
+            self.rise = mark - self._start  # type: ignore[operator]
+
+
+def release_memory(device: torch.device) -> None:
+    """Return what an interrupted computation left behind."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class GradSnapshot:
+    """The ``.grad`` of some tensors, to undo what a failed backward pass wrote."""
+
+    def __init__(self, tensors: Iterable[Tensor]) -> None:
+        self.saved = [(t, None if t.grad is None else t.grad.clone()) for t in tensors]
+
+    def restore(self) -> None:
+        for tensor, grad in self.saved:
+            tensor.grad = grad
+
+
+@dataclasses.dataclass
+class MemoryRecord:
+    """What auto knows about memory for one batch shape (bytes)."""
+
+    budget: int | None
+    footprint: int
+    predicted: dict[str, int]
+    parameter_bytes: int = 0
+    measured: dict[str, int] = dataclasses.field(default_factory=dict)
+    out_of_memory: list[str] = dataclasses.field(default_factory=list)
+
+
+def by_predicted_peak(candidates: Sequence[tuple[str, Engine]], record: MemoryRecord
+                      ) -> list[tuple[str, Engine]]:
+    """``candidates`` from the largest predicted peak to the smallest."""
+    return sorted(candidates, key=lambda c: -record.predicted.get(c[0], 0))
+
+
+def run_within_memory(
+    record: MemoryRecord,
+    candidates: Sequence[tuple[str, Engine]],
+    first: str,
+    call: Callable[[Engine], Any],
+    *,
+    device: torch.device,
+    grads: Callable[[], Iterable[Tensor]],
+    on_failure: Callable[[str], None] = lambda label: None,
+) -> tuple[str, Any]:
+    """``call(engine)`` on candidate ``first``; after an out-of-memory error, undo, free,
+    record it, and run the same call on the next candidate with a smaller predicted peak.
+
+    Returns ``(label that completed, result)``; the error propagates once no smaller
+    candidate is left.
+    """
+    ordered = by_predicted_peak(candidates, record)
+    labels = [label for label, _ in ordered]
+    position = labels.index(first)
+    snapshot = GradSnapshot(grads())
+    while True:
+        label, engine = ordered[position]
+        failed = False
+        try:
+            with ProcessPeak(device) as peak:
+                result = call(engine)
+        except (RuntimeError, torch.OutOfMemoryError) as error:
+            if not is_out_of_memory(error) or position + 1 >= len(ordered):
+                raise
+            failed = True  # freed below, once the error and its frames are gone
+        if failed:
+            snapshot.restore()
+            release_memory(device)
+            record.out_of_memory.append(label)
+            on_failure(label)
+            position += 1
+            continue
+        if peak.rise is not None:
+            record.measured[label] = max(record.measured.get(label, 0), peak.rise)
+        return label, result
