@@ -42,6 +42,7 @@ from ._memory import (
     MemoryRecord,
     is_out_of_memory,
     largest_fitting_chunk,
+    memory_in_use,
     predicted_peak,
     release_memory,
     resolve_budget,
@@ -213,6 +214,7 @@ class AutoEngine(Engine):
                  clock: Callable[[], float] = time.perf_counter,
                  memory_budget: int | None = None) -> None:
         obstacle = vmap_obstacle(model, optimizer)
+        self._device = _device_of(model)
         self.memory_budget = memory_budget  # bytes; None: a fraction of what is free
         self.memory: dict[Key, MemoryRecord] = {}
         # The tensors whose .grad a failed meta-step must restore (the learner's parameters).
@@ -221,6 +223,8 @@ class AutoEngine(Engine):
         self._chunked: dict[int, VmapEngine] = {}
         self._untuned: dict[Key, str] = {}
         self._adapt_out_of_memory: list[str] = []
+        self._baseline: int | None = None  # memory in use at the first call
+        self._started = False
         self.verify = verify
         self.tune = tune and not compile  # compile=True asks for the vectorised engine
         self._clock = clock
@@ -314,6 +318,7 @@ class AutoEngine(Engine):
         """
         if not self.needs_check(kind):
             return
+        self._note_baseline(probe)
         start = time.perf_counter()
         verdict, reason, failure = INCONCLUSIVE, "", None
         try:
@@ -403,6 +408,7 @@ class AutoEngine(Engine):
                             outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
         """The vectorised engine's meta-step within the memory budget (tuned if asked)."""
         key = self._latest_key = shape_key(task)
+        self._note_baseline(module)
         record = self._plan_memory(key, module, task, loop, outer, order)
         candidates, excluded = self._memory_candidates(task.num_tasks, record)
         allowed = [c for c in candidates
@@ -445,6 +451,15 @@ class AutoEngine(Engine):
         _, losses = tuner.run(key, call, twin)
         return losses
 
+    def _note_baseline(self, source: nn.Module | Probe) -> None:
+        """The memory in use before this engine first runs anything (once)."""
+        if self._started:
+            return
+        self._started = True
+        module = source if isinstance(source, nn.Module) else None
+        device = _device_of(module) if module is not None else self._device
+        self._baseline = memory_in_use(device)
+
     def _chunks(self, size: int) -> VmapEngine:
         if size not in self._chunked:
             self._chunked[size] = VmapEngine(chunk_size=size)
@@ -465,7 +480,7 @@ class AutoEngine(Engine):
             # The model fails on this batch: the call itself raises that error (with the
             # engine the user would see); there is nothing to plan.
             return MemoryRecord(None, 0, {})
-        budget = resolve_budget(self.memory_budget, _device_of(module))
+        budget = resolve_budget(self.memory_budget, _device_of(module), self._baseline)
         weights = _parameter_bytes(module)
         record = self.memory[key] = MemoryRecord(budget, footprint, {}, weights)
         tasks = task.num_tasks

@@ -12,20 +12,22 @@
    its batched kernels keep a little more per task: :data:`VMAP_FACTOR` × tasks ×
    footprint; ``vmap`` in chunks of ``c`` tasks, ``c`` tasks' worth. Both add the
    meta-gradient and one copy of the adapted weights (2 × the parameters' bytes).
-3. **Budget.** ``memory_budget="auto"`` (the default) is :data:`AUTO_FRACTION` of what the
-   device can still give: on CUDA the free memory (``torch.cuda.mem_get_info``) plus what
-   torch's caching allocator holds unused; on a CPU the smallest of ``MemAvailable``
+3. **Budget.** ``"auto"`` (the default) is :data:`AUTO_FRACTION` of what the device can
+   still give: on CUDA the free memory (``torch.cuda.mem_get_info``) plus what torch's
+   caching allocator holds unused; on a CPU the smallest of ``MemAvailable``
    (``/proc/meminfo``), the address-space limit (``RLIMIT_AS``) above the process's size,
    and the cgroup's memory limit above its use. An explicit budget is bytes, or a string
-   such as ``"6GiB"`` or ``"512MB"``.
+   such as ``"6GiB"`` or ``"512MB"``; it counts from the memory in use when the learner
+   first ran (what the process kept since is taken from it), and candidates are planned
+   to :data:`EXPLICIT_FRACTION` of it. The budget is taken once per batch shape.
 4. **Fallback.** An out-of-memory error inside a meta-step (the prediction was wrong)
    frees what it can, undoes any partial ``.grad``, is recorded, and the same meta-step
    runs again on the next candidate with a smaller predicted peak.
 
 The factors were measured with ``benchmarks/scale.py``'s configurations (float32, CPU,
 resident-set high-water mark of a meta-step over the footprint): Conv-4 at the Omniglot
-shape 0.9 (loop) and 1.57 (``vmap``, per task), at the miniImageNet shape 0.98 and 1.64,
-a small Transformer 0.5 and 1.3.
+shape 1.0 (loop) and 1.7 (``vmap`` on 32 tasks, per task; 1.86 in chunks of 4), at the
+miniImageNet shape 1.0 and 1.64, a small Transformer 0.5 and 1.3.
 """
 
 from __future__ import annotations
@@ -46,8 +48,11 @@ from .._tree import index, leaves
 from ._base import Engine, InnerLoop, MetaGrad, OuterObjective
 
 LOOP_FACTOR = 1.0
-VMAP_FACTOR = 1.7
+VMAP_FACTOR = 2.0
 AUTO_FRACTION = 0.8
+# An explicit budget is planned to this fraction: a step also allocates outside the tensors
+# autograd saves (workspaces, the allocator's slack).
+EXPLICIT_FRACTION = 0.9
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -146,11 +151,25 @@ def available_memory(device: torch.device) -> int | None:
     return max(min(limits), 0) if limits else None
 
 
-def resolve_budget(budget: int | None, device: torch.device) -> int | None:
-    """The budget in bytes: ``budget`` itself, or for ``"auto"`` (``None``) a fraction of
-    :func:`available_memory` (``None`` where the device does not say)."""
+def memory_in_use(device: torch.device) -> int | None:
+    """Bytes this process holds on ``device`` (CUDA: allocated tensors; CPU: resident set)."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return _status_bytes("VmRSS") if device.type == "cpu" else None
+
+
+def resolve_budget(budget: int | None, device: torch.device, baseline: int | None = None
+                   ) -> int | None:
+    """The bytes a meta-step may add to the memory in use now.
+
+    ``budget`` counts from ``baseline`` (the memory in use when the learner first ran), so
+    what the process kept since (caches, lazily loaded kernels) is taken from it. For
+    ``"auto"`` (``None``): a fraction of :func:`available_memory` now (``None`` where the
+    device does not say)."""
     if budget is not None:
-        return budget
+        now = memory_in_use(device)
+        grown = 0 if baseline is None or now is None else max(now - baseline, 0)
+        return max(int(EXPLICIT_FRACTION * budget) - grown, 0)
     available = available_memory(device)
     return None if available is None else int(AUTO_FRACTION * available)
 
