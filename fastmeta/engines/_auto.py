@@ -222,6 +222,8 @@ class AutoEngine(Engine):
         self._loop = LoopEngine()
         self._chunked: dict[int, VmapEngine] = {}
         self._untuned: dict[Key, str] = {}
+        # batch shape -> (candidates within the budget, the labels over it)
+        self._plans: dict[Key, tuple[list[tuple[str, Engine]], list[str]]] = {}
         self._adapt_out_of_memory: list[str] = []
         self._baseline: int | None = None  # memory in use at the first call
         self._started = False
@@ -410,17 +412,22 @@ class AutoEngine(Engine):
         key = self._latest_key = shape_key(task)
         self._note_baseline(module)
         record = self._plan_memory(key, module, task, loop, outer, order)
-        candidates, excluded = self._memory_candidates(task.num_tasks, record)
+        if key not in self._plans or not record.footprint:
+            self._plans[key] = self._memory_candidates(task.num_tasks, record)
+        candidates, excluded = self._plans[key]
         allowed = [c for c in candidates
                    if c[0] not in excluded and c[0] not in record.out_of_memory] or candidates[:1]
         device = _device_of(module)
         grads = self.grads_of or module.parameters
 
         def run(label: str, on_failure: Callable[[str], None] = lambda label: None) -> Any:
+            tuner = self._tuner
+            measure = (label not in record.measured if tuner is None
+                       else key not in tuner.chosen)
             return run_within_memory(
                 record, allowed, label, lambda engine: engine.meta_gradient(
                     module, task, loop, outer, order=order),
-                device=device, grads=grads, on_failure=on_failure)
+                device=device, grads=grads, on_failure=on_failure, measure=measure)
 
         largest = allowed[-1]  # the vectorised candidate with the largest predicted peak
         if not self._settled and "meta_gradient" not in self._checked:

@@ -32,6 +32,7 @@ miniImageNet shape 1.0 and 1.64, a small Transformer 0.5 and 1.3.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import math
@@ -353,9 +354,14 @@ def run_within_memory(
     device: torch.device,
     grads: Callable[[], Iterable[Tensor]],
     on_failure: Callable[[str], None] = lambda label: None,
+    measure: bool = True,
 ) -> tuple[str, Any]:
     """``call(engine)`` on candidate ``first``; after an out-of-memory error, undo, free,
     record it, and run the same call on the next candidate with a smaller predicted peak.
+
+    Args:
+        measure: record the peak the call reaches where it can be seen (two reads of the
+            process's status; a trial needs them, a settled meta-step does not).
 
     Returns ``(label that completed, result)``; the error propagates once no smaller
     candidate is left.
@@ -367,8 +373,9 @@ def run_within_memory(
     while True:
         label, engine = ordered[position]
         failed = False
+        peak = ProcessPeak(device)
         try:
-            with ProcessPeak(device) as peak:
+            with peak if measure else contextlib.nullcontext():
                 result = call(engine)
         except (RuntimeError, torch.OutOfMemoryError) as error:
             if not is_out_of_memory(error) or position + 1 >= len(ordered):
