@@ -1,21 +1,25 @@
 """Meta-steps of Conv-4 at the Omniglot shape under a memory limit, in a process of their own.
 
 Usage:
-    python -m tests._memory_worker rlimit ENGINE HEADROOM_MIB TASKS STEPS
+    python -m tests._memory_worker rlimit ENGINE HEADROOM_MIB TASKS STEPS [ROUNDS]
     python -m tests._memory_worker budget BUDGET TASKS STEPS
 
 ``rlimit``: the address space is limited to the process's size after setup plus
 HEADROOM_MIB (``resource.setrlimit(RLIMIT_AS)``), then ENGINE (``auto`` or another name)
-runs STEPS meta-steps. ``budget``: ``memory_budget=BUDGET`` and no limit; the resident-set
-high-water mark over the STEPS meta-steps is measured (run it with
+runs STEPS meta-steps; then ROUNDS (default 0) rounds each time one more meta-step of it and
+one of ``engine="loop"`` on a copy of the model, in turn (``loop_speed``: the median over
+rounds of the loop's time over its time). ``budget``: ``memory_budget=BUDGET`` and no
+limit; the resident-set high-water mark over the STEPS meta-steps is measured (run it with
 ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors leave the resident set). Prints one
 JSON line: steps done, the error if any, the engine, its decision, seconds per step.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import resource
+import statistics
 import sys
 import time
 
@@ -42,8 +46,8 @@ def omniglot_batch(tasks: int) -> fastmeta.TaskBatch:
                               labels.repeat_interleave(5).repeat(tasks, 1))
 
 
-def run(engine: str, budget: str, tasks: int, steps: int, headroom_mib: float | None
-        ) -> dict[str, object]:
+def run(engine: str, budget: str, tasks: int, steps: int, headroom_mib: float | None,
+        rounds: int = 0) -> dict[str, object]:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     model = fastmeta.models.Conv4(in_channels=1, num_classes=5, hidden=64, image_size=28)
@@ -69,8 +73,21 @@ def run(engine: str, budget: str, tasks: int, steps: int, headroom_mib: float | 
             done += 1
     except RuntimeError as failure:
         error = str(failure).splitlines()[0][:200]
+    ratios = []
+    if rounds and error is None:
+        loop = fastmeta.MAML(copy.deepcopy(model), inner_lr=0.4, loss_fn="cross_entropy",
+                             engine="loop")
+        loop_optimizer = torch.optim.SGD(loop.parameters(), lr=0.0)
+        for _ in range(rounds):
+            times = []
+            for which, opt in ((learner, optimizer), (loop, loop_optimizer)):
+                begin = time.perf_counter()
+                which.meta_step(batch, opt)
+                times.append(time.perf_counter() - begin)
+            ratios.append(times[1] / times[0])
     decision = learner.engine_decision
     return {
+        "loop_speed": statistics.median(ratios) if ratios else None, "ratios": ratios,
         "done": done, "error": error, "engine": learner.engine, "engines": engines,
         "seconds": seconds, "peak": _status_bytes("VmHWM") - start_rss, "marks": marks,
         "budget": decision.memory_budget, "footprint": decision.task_footprint,
@@ -83,7 +100,8 @@ def run(engine: str, budget: str, tasks: int, steps: int, headroom_mib: float | 
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
     if mode == "rlimit":
-        result = run(args[0], "auto", int(args[2]), int(args[3]), float(args[1]))
+        result = run(args[0], "auto", int(args[2]), int(args[3]), float(args[1]),
+                     int(args[4]) if len(args) > 4 else 0)
     else:
         result = run("auto", args[0], int(args[1]), int(args[2]), None)
     print(json.dumps(result))

@@ -231,10 +231,15 @@ def test_out_of_memory_is_never_taken_for_a_refusal(monkeypatch):
     assert not is_torch_func_refusal(torch.OutOfMemoryError("vmap: out of memory"))
     learner = fastmeta.MAML(tiny_mlp(), inner_lr=0.1, verify_engine=False)
     monkeypatch.setattr(VmapEngine, "meta_loss", out_of_memory)
-    with pytest.raises(torch.OutOfMemoryError):
-        learner.meta_step(make_task(dtype=torch.float64),
-                          torch.optim.SGD(learner.parameters(), lr=0.1))
-    assert learner.engine == "vmap"
+    # not a refusal (no switch to higher, no warning): the step runs again on the loop
+    learner.meta_step(make_task(dtype=torch.float64),
+                      torch.optim.SGD(learner.parameters(), lr=0.1))
+    assert learner.engine_decision.out_of_memory == ("vmap",)
+    assert learner.engine != "higher" and learner.meta_steps_taken == 1
+    explicit = fastmeta.MAML(tiny_mlp(), inner_lr=0.1, engine="vmap")
+    with pytest.raises(torch.OutOfMemoryError):  # chosen explicitly: nothing else to try
+        explicit.meta_step(make_task(dtype=torch.float64),
+                           torch.optim.SGD(explicit.parameters(), lr=0.1))
 
 
 class CallsItem(nn.Module):

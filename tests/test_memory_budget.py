@@ -227,3 +227,21 @@ def test_the_peak_of_the_first_ten_meta_steps_stays_within_an_explicit_budget():
     run = _worker("budget", "200MiB", "16", "10", env={"MALLOC_MMAP_THRESHOLD_": "65536"})
     assert run["done"] == 10 and run["predicted"]["vmap"] > budget
     assert run["peak"] <= budget, run
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and clear_refs")
+def test_scale_reports_the_whole_runs_peak_beside_the_settled_one():
+    from tests.test_benchmarks import _load
+
+    scale = _load("scale")
+    peaks = scale.memory_child("sine", "auto", 4, "cpu", True)
+    assert set(peaks) == {"run", "settled"}
+    assert all(peak >= 0 for peak in peaks.values())
+
+
+def test_the_footprint_benchmark_predicts_every_engine():
+    from tests.test_benchmarks import _load
+
+    predicted = _load("memory_footprint").predict("transformer")
+    assert predicted["footprint"] > 0
+    assert predicted["loop"] < predicted["vmap, chunks of 4"] <= predicted["vmap"]

@@ -214,7 +214,6 @@ class AutoEngine(Engine):
                  clock: Callable[[], float] = time.perf_counter,
                  memory_budget: int | None = None) -> None:
         obstacle = vmap_obstacle(model, optimizer)
-        self._device = _device_of(model)
         self.memory_budget = memory_budget  # bytes; None: a fraction of what is free
         self.memory: dict[Key, MemoryRecord] = {}
         # The tensors whose .grad a failed meta-step must restore (the learner's parameters).
@@ -320,7 +319,7 @@ class AutoEngine(Engine):
         """
         if not self.needs_check(kind):
             return
-        self._note_baseline(probe)
+        self._note_baseline()
         start = time.perf_counter()
         verdict, reason, failure = INCONCLUSIVE, "", None
         try:
@@ -410,7 +409,7 @@ class AutoEngine(Engine):
                             outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
         """The vectorised engine's meta-step within the memory budget (tuned if asked)."""
         key = self._latest_key = shape_key(task)
-        self._note_baseline(module)
+        self._note_baseline()
         record = self._plan_memory(key, module, task, loop, outer, order)
         if key not in self._plans or not record.footprint:
             self._plans[key] = self._memory_candidates(task.num_tasks, record)
@@ -432,8 +431,10 @@ class AutoEngine(Engine):
         largest = allowed[-1]  # the vectorised candidate with the largest predicted peak
         if not self._settled and "meta_gradient" not in self._checked:
             # unchecked: this call finds out whether torch.func runs the model at all
-            return self._call("meta_gradient", module, task, loop, outer, order=order,
-                              first=largest[1])
+            return run_within_memory(
+                record, allowed, largest[0], lambda engine: self._call(
+                    "meta_gradient", module, task, loop, outer, order=order, first=engine),
+                device=device, grads=grads)[1]
         self._settled = True
         self._start_tuning([("loop", self._loop), ("vmap, chunks of 4", self._chunks(4)),
                             ("vmap", self._vmap)])  # type: ignore[list-item]
@@ -458,14 +459,16 @@ class AutoEngine(Engine):
         _, losses = tuner.run(key, call, twin)
         return losses
 
-    def _note_baseline(self, source: nn.Module | Probe) -> None:
+    def _note_baseline(self) -> None:
         """The memory in use before this engine first runs anything (once)."""
-        if self._started:
-            return
-        self._started = True
-        module = source if isinstance(source, nn.Module) else None
-        device = _device_of(module) if module is not None else self._device
-        self._baseline = memory_in_use(device)
+        if not self._started:
+            self._started = True
+            self._baseline = memory_in_use(self._device())
+
+    def _device(self) -> torch.device:
+        """Where the learner's parameters are now (``learner.to(...)`` may move them)."""
+        first = next(iter(self.grads_of()), None) if self.grads_of is not None else None
+        return torch.device("cpu") if first is None else first.device
 
     def _chunks(self, size: int) -> VmapEngine:
         if size not in self._chunked:
