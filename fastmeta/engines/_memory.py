@@ -97,11 +97,6 @@ def parse_memory_budget(value: object) -> int | None:
     return int(size)
 
 
-def format_bytes(size: float) -> str:
-    """``size`` in MiB (or GiB from 10 GiB up), as the engines guide writes sizes."""
-    return f"{size / 2**30:.1f} GiB" if size >= 10 * 2**30 else f"{size / 2**20:.0f} MiB"
-
-
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is an allocation failure (CUDA or CPU)."""
     if isinstance(error, torch.OutOfMemoryError):
