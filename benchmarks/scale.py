@@ -496,10 +496,9 @@ def main() -> None:
             print(f"- {verdict}: {name}: auto peak memory {peak['auto']:.0f} MiB, {ratio:.2f}× "
                   f"the per-task loop's {peak['reference']:.0f} MiB (target <= "
                   f"{TARGET_MEMORY}×; below 1 MiB counts as 1)")
-            ratio = run["auto"] / max(run["reference"], 1.0)
-            verdict = "PASS" if ratio <= TARGET_MEMORY else "MISS"
-            print(f"- {verdict}: {name}: auto peak over the whole run (tuning included) "
-                  f"{run['auto']:.0f} MiB, {ratio:.2f}× the per-task loop's "
+            # no target: auto may try any engine whose predicted peak fits its budget
+            print(f"- {name}: peak over the whole run from the first meta-step (auto's check "
+                  f"and tuning included): auto {run['auto']:.0f} MiB, the per-task loop "
                   f"{run['reference']:.0f} MiB")
         inexact = {i: e for i, e in result["grad_error"].items()
                    if e > result["differs_above"]}

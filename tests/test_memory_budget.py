@@ -245,3 +245,28 @@ def test_the_footprint_benchmark_predicts_every_engine():
     predicted = _load("memory_footprint").predict("transformer")
     assert predicted["footprint"] > 0
     assert predicted["loop"] < predicted["vmap, chunks of 4"] <= predicted["vmap"]
+
+
+def test_adapt_many_goes_in_chunks_that_fit_the_budget(monkeypatch, steady_process):
+    task = make_task(tasks=9, dtype=torch.float64)
+    loop = fastmeta.MAML(tiny_mlp(), inner_lr=0.1, inner_steps=3, engine="loop")
+    footprint = _memory.adapt_footprint(LoopEngine(), loop.module, task,
+                                        loop.inner_loop(task, 3), fastmeta.engines.MetaGrad.NONE)
+    weights = sum(p.numel() * 8 for p in loop.parameters())
+    budget = int((3.5 * _memory.VMAP_FACTOR * footprint + 2 * weights)
+                 / _memory.EXPLICIT_FRACTION)  # 3 tasks at once fit, 4 do not
+    seen: list[int] = []
+    original = VmapEngine.adapt
+
+    def spy(self, module, part, *args, **kwargs):
+        seen.append(part.num_tasks)
+        return original(self, module, part, *args, **kwargs)
+
+    monkeypatch.setattr(VmapEngine, "adapt", spy)
+    auto = fastmeta.MAML(tiny_mlp(), inner_lr=0.1, inner_steps=3, memory_budget=budget)
+    adapted = auto.adapt_many(task)
+    assert seen[1:] == [3, 3, 3]  # after the check's two tasks
+    expected = loop.adapt_many(task)
+    for name, value in expected.params.items():
+        torch.testing.assert_close(adapted.params[name], value, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(adapted.support_losses, expected.support_losses)

@@ -40,6 +40,8 @@ from ._higher import HigherEngine
 from ._loop import LoopEngine
 from ._memory import (
     MemoryRecord,
+    adapt_footprint,
+    adapt_in_chunks,
     is_out_of_memory,
     largest_fitting_chunk,
     memory_in_use,
@@ -224,6 +226,7 @@ class AutoEngine(Engine):
         # batch shape -> (candidates within the budget, the labels over it)
         self._plans: dict[Key, tuple[list[tuple[str, Engine]], list[str]]] = {}
         self._adapt_out_of_memory: list[str] = []
+        self._adapt_chunks: dict[Key, int | None] = {}
         self._baseline: int | None = None  # memory in use at the first call
         self._started = False
         self.verify = verify
@@ -379,7 +382,11 @@ class AutoEngine(Engine):
     def adapt(self, module: nn.Module, task: TaskBatch, loop: InnerLoop, *,
               order: MetaGrad = MetaGrad.NONE) -> Adaptation:
         vectorised = self._current is self._vmap
+        size = self._adapt_chunk(module, task, loop, order) if vectorised else None
         try:
+            if size is not None:  # every task at once would not fit the budget
+                engine = self._current if size >= 1 else self._loop
+                return adapt_in_chunks(engine, module, task, loop, order, max(size, 1))
             return self._call("adapt", module, task, loop, order=order)
         except (RuntimeError, torch.OutOfMemoryError) as error:
             if not (vectorised and is_out_of_memory(error)):
@@ -388,6 +395,24 @@ class AutoEngine(Engine):
         release_memory(_device_of(module))
         self._adapt_out_of_memory.append(f"adapt with vmap on {task.num_tasks} tasks")
         return self._loop.adapt(module, task, loop, order=order)
+
+    def _adapt_chunk(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
+                     order: MetaGrad) -> int | None:
+        """Tasks the vectorised ``adapt`` may take at once within the budget (0: none; the
+        loop then runs), or ``None`` where every task fits (or nothing was measured)."""
+        if task.num_tasks <= 1 or not (self._settled or "adapt" in self._checked):
+            return None
+        key = ("adapt", order, loop.steps, *shape_key(task))
+        if key not in self._adapt_chunks:
+            self._note_baseline()
+            devices = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
+            with torch.random.fork_rng(devices=devices):
+                footprint = adapt_footprint(self._loop, module, task, loop, order)
+            budget = resolve_budget(self.memory_budget, _device_of(module), self._baseline)
+            fits = largest_fitting_chunk(task.num_tasks, footprint, _parameter_bytes(module),
+                                         budget)
+            self._adapt_chunks[key] = None if fits >= task.num_tasks else fits
+        return self._adapt_chunks[key]
 
     def meta_loss(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
                   outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from .._task import TaskBatch
 from .._tree import index, leaves
-from ._base import Engine, InnerLoop, MetaGrad, OuterObjective
+from ._base import Adaptation, Engine, InnerLoop, MetaGrad, OuterObjective
 
 LOOP_FACTOR = 1.0
 VMAP_FACTOR = 2.0
@@ -391,3 +391,33 @@ def run_within_memory(
         if peak.rise is not None:
             record.measured[label] = max(record.measured.get(label, 0), peak.rise)
         return label, result
+
+
+def adapt_footprint(loop_engine: Engine, module: nn.Module, task: TaskBatch, inner: InnerLoop,
+                    order: MetaGrad) -> int:
+    """Bytes autograd holds at once while ``loop_engine`` adapts task 0 of ``task``."""
+    first = TaskBatch(*(None if part is None else index(part, slice(0, 1)) for part in task))
+    indices = inner.batch_indices
+    one = dataclasses.replace(inner, batch_indices=None if indices is None else indices[:1])
+    resident = [*module.parameters(), *module.buffers(),
+                *(leaf for leaf in leaves(tuple(task)) if isinstance(leaf, Tensor))]
+    with torch.enable_grad(), SavedTensorMeter(resident) as meter:
+        del loop_engine.adapt(module, first, one, order=order).params
+    return meter.peak
+
+
+def adapt_in_chunks(engine: Engine, module: nn.Module, task: TaskBatch, inner: InnerLoop,
+                    order: MetaGrad, size: int) -> Adaptation:
+    """``engine.adapt`` on at most ``size`` tasks at a time, joined as one adaptation."""
+    parts = []
+    for start in range(0, task.num_tasks, size):
+        window = slice(start, start + size)
+        part = TaskBatch(*(None if t is None else index(t, window) for t in task))
+        indices = inner.batch_indices
+        part_loop = dataclasses.replace(
+            inner, batch_indices=None if indices is None else indices[window])
+        parts.append(engine.adapt(module, part, part_loop, order=order))
+    return Adaptation(
+        {n: torch.cat([p.params[n] for p in parts]) for n in parts[0].params},
+        {n: torch.cat([p.buffers[n] for p in parts]) for n in parts[0].buffers},
+        torch.cat([p.support_losses for p in parts]))
