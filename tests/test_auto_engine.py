@@ -124,8 +124,11 @@ def test_the_check_runs_two_inner_steps_on_a_query_set_the_size_of_the_support_s
                       torch.optim.SGD(learner.parameters(), **SGD0))
     # first the learner's check of the output's shape on the support set, then higher on
     # the first two tasks: 2 inner steps on the 4 support examples, then 4 of the 30 query
-    # examples, per task (vmap's calls are batched and not logged)
-    assert model.log == [4] + [4, 4, 4] * 2
+    # examples, per task (vmap's calls are batched and not logged); then the footprint of
+    # one task (its 5 inner steps and its 30 query examples, no backward) and the first
+    # meta-step, untimed, on the per-task loop (3 tasks)
+    one_task = [4] * 5 + [30]
+    assert model.log == [4] + [4, 4, 4] * 2 + one_task + one_task * 3
     assert learner.engine == "vmap" and learner.engine_decision.checked == ("meta_gradient",)
 
 
@@ -228,10 +231,15 @@ def test_out_of_memory_is_never_taken_for_a_refusal(monkeypatch):
     assert not is_torch_func_refusal(torch.OutOfMemoryError("vmap: out of memory"))
     learner = fastmeta.MAML(tiny_mlp(), inner_lr=0.1, verify_engine=False)
     monkeypatch.setattr(VmapEngine, "meta_loss", out_of_memory)
-    with pytest.raises(torch.OutOfMemoryError):
-        learner.meta_step(make_task(dtype=torch.float64),
-                          torch.optim.SGD(learner.parameters(), lr=0.1))
-    assert learner.engine == "vmap"
+    # not a refusal (no switch to higher, no warning): the step runs again on the loop
+    learner.meta_step(make_task(dtype=torch.float64),
+                      torch.optim.SGD(learner.parameters(), lr=0.1))
+    assert learner.engine_decision.out_of_memory == ("vmap",)
+    assert learner.engine != "higher" and learner.meta_steps_taken == 1
+    explicit = fastmeta.MAML(tiny_mlp(), inner_lr=0.1, engine="vmap")
+    with pytest.raises(torch.OutOfMemoryError):  # chosen explicitly: nothing else to try
+        explicit.meta_step(make_task(dtype=torch.float64),
+                           torch.optim.SGD(explicit.parameters(), lr=0.1))
 
 
 class CallsItem(nn.Module):

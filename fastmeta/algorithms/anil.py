@@ -36,6 +36,7 @@ class ANIL(MetaLearner):
         inner_lr, inner_steps, first_order, loss_fn: as for :class:`fastmeta.MAML`.
         inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine: as for
             :class:`fastmeta.MAML`.
+        memory_budget: as for :class:`fastmeta.MAML`.
         adapt: instead of ``head``, any selection :class:`fastmeta.MAML` takes.
 
     Example:
@@ -59,6 +60,7 @@ class ANIL(MetaLearner):
         engine: str | Engine = "auto",
         compile: bool = False,
         verify_engine: bool = True,
+        memory_budget: int | str = "auto",
         adapt: Selection | None = None,
         first_order: bool = False,
     ) -> None:
@@ -84,6 +86,7 @@ class ANIL(MetaLearner):
             loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
             engine=engine, compile=compile, verify_engine=verify_engine,
+            memory_budget=memory_budget,
             adapt=modules.get(head, head) if isinstance(head, str) else adapt,
         )
         self.head = head

@@ -54,6 +54,7 @@ class DAML(MetaLearner):
         loss_fn: outer loss on the query pairs (default mean squared error; e.g. ``"l1"``).
         inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine, adapt: as for
             :class:`fastmeta.MAML`. Both engines run DAML.
+        memory_budget: as for :class:`fastmeta.MAML`.
         first_order: must stay ``False``.
 
     Raises:
@@ -88,6 +89,7 @@ class DAML(MetaLearner):
         engine: str | Engine = "auto",
         compile: bool = False,
         verify_engine: bool = True,
+        memory_budget: int | str = "auto",
         adapt: Selection | None = None,
         first_order: bool = False,
     ) -> None:
@@ -101,7 +103,8 @@ class DAML(MetaLearner):
         super().__init__(
             model, inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
-            engine=engine, compile=compile, verify_engine=verify_engine, adapt=adapt,
+            engine=engine, compile=compile, verify_engine=verify_engine,
+            memory_budget=memory_budget, adapt=adapt,
         )
         if not callable(adaptation_loss):
             raise TypeError(

@@ -39,6 +39,7 @@ class JointTraining(MetaLearner):
         inner_steps: default fine-tuning steps in ``adapt``.
         loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, verify_engine, adapt: as for
             :class:`fastmeta.MAML` (the engine runs ``adapt``).
+        memory_budget: as for :class:`fastmeta.MAML`.
         first_order: not accepted (there is no inner loop to differentiate through).
 
     Example:
@@ -58,6 +59,7 @@ class JointTraining(MetaLearner):
         inner_optimizer_kwargs: Mapping[str, Any] | None = None,
         engine: str | Engine = "auto",
         verify_engine: bool = True,
+        memory_budget: int | str = "auto",
         adapt: Selection | None = None,
         first_order: bool | None = None,
     ) -> None:
@@ -69,7 +71,8 @@ class JointTraining(MetaLearner):
         super().__init__(
             model, inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
-            engine=engine, verify_engine=verify_engine, adapt=adapt,
+            engine=engine, verify_engine=verify_engine,
+            memory_budget=memory_budget, adapt=adapt,
         )
 
     def _pooled_losses(self, task: TaskBatch) -> Tensor:

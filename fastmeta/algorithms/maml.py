@@ -40,6 +40,10 @@ class MAML(MetaLearner):
         compile: ``torch.compile`` the vectorised meta-step (``"vmap"`` engine only;
             falls back to uncompiled with one warning if compiling fails).
         verify_engine: let ``engine="auto"`` check the vectorised engine once.
+        memory_budget: the memory a meta-step may add to what is in use: ``"auto"``
+            (default: 80% of what the device can still give), bytes, or a size such as
+            ``"6GiB"``. ``engine="auto"`` never runs a candidate predicted over it (see
+            :attr:`engine_decision`); the other engines ignore it.
         adapt: the parameters the inner loop adapts (default: every trainable one): names,
             glob patterns (``"*.bias"``), submodules, parameters or a predicate
             ``(name, parameter) -> bool``, or a list of these; the rest is meta-learned.
@@ -77,6 +81,7 @@ class FOMAML(MAML):
         engine: str | Engine = "auto",
         compile: bool = False,
         verify_engine: bool = True,
+        memory_budget: int | str = "auto",
         adapt: Selection | None = None,
         first_order: bool = True,
     ) -> None:
@@ -89,5 +94,6 @@ class FOMAML(MAML):
             model, first_order=True, inner_lr=inner_lr, inner_steps=inner_steps,
             loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
-            engine=engine, compile=compile, verify_engine=verify_engine, adapt=adapt,
+            engine=engine, compile=compile, verify_engine=verify_engine,
+            memory_budget=memory_budget, adapt=adapt,
         )

@@ -34,6 +34,7 @@ class MetaSGD(MetaLearner):
         inner_optimizer, inner_optimizer_kwargs: as for :class:`fastmeta.MAML`; with
             another inner optimiser than SGD, the learned rates scale that optimiser's step.
         engine, compile, verify_engine, adapt: as for :class:`fastmeta.MAML`.
+        memory_budget: as for :class:`fastmeta.MAML`.
 
     Example:
         >>> learner = fastmeta.MetaSGD(model, inner_lr=0.01)
@@ -55,6 +56,7 @@ class MetaSGD(MetaLearner):
         engine: str | Engine = "auto",
         compile: bool = False,
         verify_engine: bool = True,
+        memory_budget: int | str = "auto",
         adapt: Selection | None = None,
         first_order: bool = False,
     ) -> None:
@@ -62,7 +64,8 @@ class MetaSGD(MetaLearner):
             model, first_order=first_order, inner_lr=inner_lr, inner_steps=inner_steps,
             loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
-            engine=engine, compile=compile, verify_engine=verify_engine, adapt=adapt,
+            engine=engine, compile=compile, verify_engine=verify_engine,
+            memory_budget=memory_budget, adapt=adapt,
         )
         named = dict(model.named_parameters())
         self._lr_keys = {name: name.replace(".", "-") for name in super().adapted_names()}

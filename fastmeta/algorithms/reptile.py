@@ -39,6 +39,7 @@ class Reptile(MetaLearner):
             every pass (as in the Reptile paper's sine experiment).
         loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine, adapt: as
             for :class:`fastmeta.MAML`.
+        memory_budget: as for :class:`fastmeta.MAML`.
         first_order: not accepted (Reptile never differentiates through the inner loop).
 
     Example:
@@ -62,6 +63,7 @@ class Reptile(MetaLearner):
         engine: str | Engine = "auto",
         compile: bool = False,
         verify_engine: bool = True,
+        memory_budget: int | str = "auto",
         adapt: Selection | None = None,
         first_order: bool | None = None,
     ) -> None:
@@ -73,7 +75,8 @@ class Reptile(MetaLearner):
         super().__init__(
             model, inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
-            engine=engine, compile=compile, verify_engine=verify_engine, adapt=adapt,
+            engine=engine, compile=compile, verify_engine=verify_engine,
+            memory_budget=memory_budget, adapt=adapt,
         )
         self.first_order = True
         self.inner_batch_size = None

@@ -8,7 +8,8 @@
   and no batching rule involved.
 - ``"auto"`` (default): ``"vmap"`` where a first-call check finds it exact for the model,
   otherwise the faster of ``"higher"`` and ``"loop"`` (timed on the first meta-steps; one
-  that cannot run the model is left out), with a warning that names the reason.
+  that cannot run the model is left out), with a warning that names the reason; within a
+  memory budget (``memory_budget=``), from a measured footprint of one task.
 
 Every engine runs the layers whose torch kernels give wrong or missing meta-gradients in
 exact forms (:func:`exact_layers`) and refuses the ones no engine can run exactly.
@@ -43,6 +44,7 @@ from ._base import (
 from ._exact import exact_layers, refused_layer, without_randomness
 from ._higher import HigherEngine
 from ._loop import LoopEngine
+from ._memory import SavedTensorMeter, is_out_of_memory, parse_memory_budget
 from ._tuner import Tuner
 from ._vmap import VmapEngine
 
@@ -56,12 +58,15 @@ def resolve_engine(
     *,
     compile: bool = False,
     verify: bool = True,
+    memory_budget: int | None = None,
 ) -> Engine:
     """The engine named ``engine`` for this model and inner optimiser.
 
     Args:
         verify: for ``"auto"``, check the vectorised engine against higher before the
             first call of each kind.
+        memory_budget: for ``"auto"``, bytes a meta-step may add to the memory in use
+            (:func:`parse_memory_budget`; ``None``: a safe fraction of what is free).
 
     Raises:
         ValueError: unknown name, a model no engine runs exactly, or a configuration the
@@ -105,7 +110,8 @@ def resolve_engine(
                 f"engine='vmap' cannot run this learner: {obstacle}; use engine='higher' or 'auto'"
             )
         return VmapEngine(compile=compile)
-    return AutoEngine(model, optimizer, compile=compile, verify=verify)
+    return AutoEngine(model, optimizer, compile=compile, verify=verify,
+                      memory_budget=memory_budget)
 
 
 __all__ = [
@@ -127,9 +133,12 @@ __all__ = [
     "MetaLosses",
     "OuterObjective",
     "Params",
+    "SavedTensorMeter",
     "VmapEngine",
     "exact_layers",
+    "is_out_of_memory",
     "is_torch_func_refusal",
+    "parse_memory_budget",
     "refused_layer",
     "resolve_engine",
     "smaller_probe",

@@ -23,6 +23,13 @@ and ``loop``; ``loop`` needs an inner optimiser with a functional rule) are time
 next meta-steps (:class:`~fastmeta.engines.Tuner`) and the fastest is kept; one that fails
 is left out and the meta-step runs on the next, so the user never sees its error.
 
+Where the vectorised engine runs, its candidates (the per-task loop, ``vmap`` in chunks,
+``vmap``) are kept within the memory budget (:mod:`fastmeta.engines._memory`): the first
+meta-step of each batch shape runs on the loop, and a candidate predicted over the budget
+never runs. Both paths share one rule for a candidate that raises while it runs: the tuner
+undoes the partial ``.grad``, sets the candidate aside (out of memory: for that batch
+shape; any other error: for good) and runs the same meta-step on the next one.
+
 After that the engine never changes: a later error is the input's, and it is raised.
 """
 
@@ -30,7 +37,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +51,20 @@ from ._base import Adaptation, Engine, InnerLoop, MetaGrad, MetaLosses, OuterObj
 from ._exact import unvectorisable_layer
 from ._higher import HigherEngine
 from ._loop import LoopEngine
+from ._memory import (
+    GradSnapshot,
+    MemoryRecord,
+    adapt_footprint,
+    adapt_in_chunks,
+    is_out_of_memory,
+    largest_fitting_chunk,
+    memory_in_use,
+    predicted_peak,
+    release_memory,
+    resolve_budget,
+    run_within_memory,
+    task_footprint,
+)
 from ._tuner import Key, Tuner, shape_key
 from ._vmap import VmapEngine
 
@@ -145,6 +166,15 @@ class EngineDecision:
             fewer, chunks of 4 are plain ``vmap`` and get its time).
         tuning: whether the next meta-steps still time candidates (for the latest batch
             shape, or for the first one): the engine may change once they are done.
+        memory_budget: bytes a meta-step may add to the memory in use (the resolved
+            ``memory_budget``; ``None`` where the device does not say how much it has).
+        task_footprint: bytes autograd saves for one task of the latest batch shape.
+        predicted_peaks: bytes each candidate is predicted to add at its peak, by label
+            (``"vmap"`` too where it is over the budget and never runs).
+        measured_peaks: bytes each candidate added at its peak where that was seen (the
+            process's high-water mark rose during its step), by label.
+        out_of_memory: labels of the candidates that ran out of memory (each time); that
+            meta-step was run again on a smaller candidate.
     """
 
     engine: str
@@ -154,6 +184,11 @@ class EngineDecision:
     check_seconds: float = 0.0
     timings: dict[str, float] | None = None
     tuning: bool = False
+    memory_budget: int | None = None
+    task_footprint: int | None = None
+    predicted_peaks: dict[str, int] | None = None
+    measured_peaks: dict[str, int] | None = None
+    out_of_memory: tuple[str, ...] = ()
 
 
 def _first_line(error: BaseException) -> str:
@@ -201,9 +236,23 @@ class AutoEngine(Engine):
 
     def __init__(self, model: nn.Module, optimizer: InnerOptimizer, *, compile: bool,
                  verify: bool = True, tune: bool = True,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter,
+                 memory_budget: int | None = None) -> None:
         obstacle = vmap_obstacle(model, optimizer)
         self._fallbacks = per_task_engines(optimizer)
+        self.memory_budget = memory_budget  # bytes; None: a fraction of what is free
+        self.memory: dict[Key, MemoryRecord] = {}
+        # The tensors whose .grad a failed meta-step must restore (the learner's parameters).
+        self.grads_of: Callable[[], Iterable[Tensor]] | None = None
+        self._loop = LoopEngine()
+        self._chunked: dict[int, VmapEngine] = {}
+        self._untuned: dict[Key, str] = {}
+        # batch shape -> (candidates within the budget, the labels over it)
+        self._plans: dict[Key, tuple[list[tuple[str, Engine]], list[str]]] = {}
+        self._out_of_memory: list[str] = []  # outside a memory record (adapt, per-task)
+        self._adapt_chunks: dict[Key, int | None] = {}
+        self._baseline: int | None = None  # memory in use at the first call
+        self._started = False
         self.verify = verify
         self.tune = tune and not compile  # compile=True asks for the vectorised engine
         self._clock = clock
@@ -227,7 +276,9 @@ class AutoEngine(Engine):
     def name(self) -> str:  # type: ignore[override]
         tuner, key = self._tuner, self._latest_key
         if tuner is not None and key in tuner.chosen:
-            return dict(tuner.candidates)[tuner.chosen[key]].name
+            return dict(tuner.candidates_for(key))[tuner.chosen[key]].name
+        if key in self._untuned:
+            return "loop" if self._untuned[key] == "loop" else "vmap"
         return self._current.name
 
     @property
@@ -241,8 +292,17 @@ class AutoEngine(Engine):
                               for label, why in tuner.failures.items())
         if timings:
             reason += f"; measured fastest: {tuner.chosen[key]}"  # type: ignore[union-attr,index]
+        memory = self.memory.get(key) if key is not None else None
+        failures = (*(memory.out_of_memory if memory else ()), *self._out_of_memory)
+        if failures:
+            reason += f"; out of memory once on: {', '.join(failures)}"
+        if memory is None:
+            return EngineDecision(self.name, reason, tuple(self._checked), self._max_error,
+                                  self._seconds, timings, self._tuning(), out_of_memory=failures)
         return EngineDecision(self.name, reason, tuple(self._checked), self._max_error,
-                              self._seconds, timings, self._tuning())
+                              self._seconds, timings, self._tuning(), memory.budget,
+                              memory.footprint, dict(memory.predicted), dict(memory.measured),
+                              failures)
 
     def _tuning(self) -> bool:
         if not self.tune:
@@ -302,6 +362,7 @@ class AutoEngine(Engine):
         """
         if not self.needs_check(kind):
             return
+        self._note_baseline()
         start = time.perf_counter()
         verdict, reason, failure = INCONCLUSIVE, "", None
         try:
@@ -364,7 +425,38 @@ class AutoEngine(Engine):
 
     def adapt(self, module: nn.Module, task: TaskBatch, loop: InnerLoop, *,
               order: MetaGrad = MetaGrad.NONE) -> Adaptation:
-        return self._call("adapt", module, task, loop, order=order)
+        vectorised = self._current is self._vmap
+        size = self._adapt_chunk(module, task, loop, order) if vectorised else None
+        try:
+            if size is not None:  # every task at once would not fit the budget
+                engine = self._current if size >= 1 else self._loop
+                return adapt_in_chunks(engine, module, task, loop, order, max(size, 1))
+            return self._call("adapt", module, task, loop, order=order)
+        except (RuntimeError, torch.OutOfMemoryError) as error:
+            if not (vectorised and is_out_of_memory(error)):
+                raise
+        # Out of memory with every task at once: free it, then one task at a time.
+        release_memory(_device_of(module))
+        self._out_of_memory.append(f"adapt with vmap on {task.num_tasks} tasks")
+        return self._loop.adapt(module, task, loop, order=order)
+
+    def _adapt_chunk(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
+                     order: MetaGrad) -> int | None:
+        """Tasks the vectorised ``adapt`` may take at once within the budget (0: none; the
+        loop then runs), or ``None`` where every task fits (or nothing was measured)."""
+        if task.num_tasks <= 1 or not (self._settled or "adapt" in self._checked):
+            return None
+        key = ("adapt", order, loop.steps, *shape_key(task))
+        if key not in self._adapt_chunks:
+            self._note_baseline()
+            devices = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
+            with torch.random.fork_rng(devices=devices):
+                footprint = adapt_footprint(self._loop, module, task, loop, order)
+            budget = resolve_budget(self.memory_budget, _device_of(module), self._baseline)
+            fits = largest_fitting_chunk(task.num_tasks, footprint, _parameter_bytes(module),
+                                         budget)
+            self._adapt_chunks[key] = None if fits >= task.num_tasks else fits
+        return self._adapt_chunks[key]
 
     def meta_loss(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
                   outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
@@ -372,37 +464,169 @@ class AutoEngine(Engine):
 
     def meta_gradient(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
                       outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
-        if self._settled and self._current is self._vmap:
-            self._start_tuning([("vmap", self._vmap), ("loop", LoopEngine()),
-                                ("vmap, chunks of 4", VmapEngine(chunk_size=4))])
+        if self._vmap is not None and self._current is self._vmap:
+            return self._vmap_meta_gradient(module, task, loop, outer, order=order)
         tuner = self._tuner
         if tuner is None or not self._settled or not (self.tune or tuner.chosen):
             return self._call("meta_gradient", module, task, loop, outer, order=order)
         self._latest_key = shape_key(task)
+        def set_aside(label: str, error: Exception) -> None:
+            if is_out_of_memory(error):
+                self._out_of_memory.append(label)
+
+        _, losses = tuner.run(self._latest_key, lambda engine: engine.meta_gradient(
+            module, task, loop, outer, order=order), undo=self._undo(module),
+            on_failure=set_aside)
+        return losses
+
+    def _vmap_meta_gradient(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
+                            outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
+        """The vectorised engine's meta-step within the memory budget (tuned if asked)."""
+        key = self._latest_key = shape_key(task)
+        self._note_baseline()
+        record = self._plan_memory(key, module, task, loop, outer, order)
+        if key not in self._plans or not record.footprint:
+            self._plans[key] = self._memory_candidates(task.num_tasks, record)
+        candidates, excluded = self._plans[key]
+        allowed = [c for c in candidates
+                   if c[0] not in excluded and c[0] not in record.out_of_memory] or candidates[:1]
+        device = _device_of(module)
+        grads = self.grads_of or module.parameters
+
+        def run(label: str, *, alone: bool = False) -> Any:
+            """Runs candidate ``label``; out of memory, the next smaller one (``alone``:
+            raises, for the tuner to set it aside)."""
+            tuner = self._tuner
+            measure = (label not in record.measured if tuner is None
+                       else key not in tuner.chosen)
+            within = [(label, dict(candidates)[label])] if alone else allowed
+            return run_within_memory(
+                record, within, label, lambda engine: engine.meta_gradient(
+                    module, task, loop, outer, order=order),
+                device=device, grads=grads, measure=measure)
+
+        largest = allowed[-1]  # the vectorised candidate with the largest predicted peak
+        if not self._settled and "meta_gradient" not in self._checked:
+            # unchecked: this call finds out whether torch.func runs the model at all
+            return run_within_memory(
+                record, allowed, largest[0], lambda engine: self._call(
+                    "meta_gradient", module, task, loop, outer, order=order, first=engine),
+                device=device, grads=grads)[1]
+        self._settled = True
+        self._start_tuning([("loop", self._loop), ("vmap, chunks of 4", self._chunks(4)),
+                            ("vmap", self._vmap)])  # type: ignore[list-item]
+        tuner = self._tuner
+        if tuner is None or not (self.tune or tuner.chosen):
+            label, losses = run(largest[0])
+            self._untuned[key] = label
+            return losses
+        if tuner.candidates_for(key) is tuner.candidates and key not in tuner.chosen:
+            tuner.plan(key, candidates, excluded)
 
         def twin(label: str) -> str | None:  # one chunk holding every task is plain vmap
-            engine = dict(tuner.candidates)[label]
+            engine = dict(candidates)[label]
             if isinstance(engine, VmapEngine) and engine.chunk_size and not engine.splits(task):
                 return "vmap"
             return None
 
-        def undo() -> None:  # a backward pass that broke off may have written .grad
-            for tensor in module.parameters():
-                tensor.grad = None
+        def call(engine: Engine) -> Any:  # the tuner moves to the next one if it raises
+            label = next(name for name, e in candidates if e is engine)
+            return run(label, alone=True)[1]
 
-        _, losses = tuner.run(self._latest_key, lambda engine: engine.meta_gradient(
-            module, task, loop, outer, order=order), twin, undo)
+        def set_aside(label: str, error: Exception) -> None:
+            if is_out_of_memory(error):
+                record.out_of_memory.append(label)
+
+        _, losses = tuner.run(key, call, twin, self._undo(module), set_aside)
         return losses
 
+    def _undo(self, module: nn.Module) -> Callable[[], None]:
+        """What undoes a meta-step that broke off: the ``.grad`` it may have written, and
+        the memory it left."""
+        snapshot = GradSnapshot((self.grads_of or module.parameters)())
+        device = _device_of(module)
+
+        def undo() -> None:
+            snapshot.restore()
+            release_memory(device)
+
+        return undo
+
+    def _note_baseline(self) -> None:
+        """The memory in use before this engine first runs anything (once)."""
+        if not self._started:
+            self._started = True
+            self._baseline = memory_in_use(self._device())
+
+    def _device(self) -> torch.device:
+        """Where the learner's parameters are now (``learner.to(...)`` may move them)."""
+        first = next(iter(self.grads_of()), None) if self.grads_of is not None else None
+        return torch.device("cpu") if first is None else first.device
+
+    def _chunks(self, size: int) -> VmapEngine:
+        if size not in self._chunked:
+            self._chunked[size] = VmapEngine(chunk_size=size)
+        return self._chunked[size]
+
+    def _plan_memory(self, key: Key, module: nn.Module, task: TaskBatch, loop: InnerLoop,
+                     outer: OuterObjective, order: MetaGrad) -> MemoryRecord:
+        """The footprint of one task of this batch shape, measured once, and the budget."""
+        if key in self.memory:
+            return self.memory[key]
+        devices = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
+        try:
+            with torch.random.fork_rng(devices=devices):  # dropout draws nothing for real
+                footprint = task_footprint(self._loop, module, task, loop, outer, order)
+        except Exception as error:
+            if is_out_of_memory(error):
+                raise
+            # The model fails on this batch: the call itself raises that error (with the
+            # engine the user would see); there is nothing to plan.
+            return MemoryRecord(None, 0, {})
+        budget = resolve_budget(self.memory_budget, _device_of(module), self._baseline)
+        weights = _parameter_bytes(module)
+        record = self.memory[key] = MemoryRecord(budget, footprint, {}, weights)
+        tasks = task.num_tasks
+        for label, engine in (("loop", self._loop), *self._fallbacks[:1],
+                              ("vmap", self._vmap or VmapEngine())):
+            record.predicted[label] = predicted_peak(engine, tasks, footprint, weights)
+        return record
+
+    def _memory_candidates(self, tasks: int, record: MemoryRecord
+                           ) -> tuple[list[tuple[str, Engine]], list[str]]:
+        """``[loop, vmap in chunks of min(4, c), vmap (or in chunks of c)]`` with ``c`` the
+        most tasks at once that fit the budget, and the labels predicted over it.
+
+        Always three candidates, so that every batch shape (and every process of a
+        data-parallel job) decides after the same number of meta-steps; the per-task loop,
+        the smallest, is never excluded."""
+        weights = record.parameter_bytes
+        fits = (largest_fitting_chunk(tasks, record.footprint, weights, record.budget)
+                if record.footprint else tasks)
+        small = 4 if fits >= min(4, tasks) else max(fits, 1)
+        assert self._vmap is not None
+        big: tuple[str, Engine] = ("vmap", self._vmap)
+        if fits < tasks and fits > 4:
+            big = (f"vmap, chunks of {fits}", self._chunks(fits))
+        candidates = [("loop", self._loop), (f"vmap, chunks of {small}", self._chunks(small)),
+                      big]
+        excluded = []
+        for label, engine in candidates[1:]:
+            peak = predicted_peak(engine, tasks, record.footprint, weights)
+            record.predicted.setdefault(label, peak)
+            if record.budget is not None and record.footprint and peak > record.budget:
+                excluded.append(label)
+        return candidates, excluded
+
     def _call(self, verb: str, module: nn.Module, task: TaskBatch, loop: InnerLoop, *args: Any,
-              **kwargs: Any) -> Any:
+              first: Engine | None = None, **kwargs: Any) -> Any:
         def attempt(engine: Engine) -> Any:
             return getattr(engine, verb)(module, task, loop, *args, **kwargs)
 
         if self._settled:
             return attempt(self._current)
         try:
-            output = attempt(self._current)
+            output = attempt(first or self._current)
         except RuntimeError as error:
             if not is_torch_func_refusal(error):
                 raise
@@ -422,3 +646,12 @@ class AutoEngine(Engine):
             raise error from None  # the input's error: the engine stays
         self._settled = True
         return output
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    first = next(iter(module.parameters()), None)
+    return torch.device("cpu") if first is None else first.device
+
+
+def _parameter_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())

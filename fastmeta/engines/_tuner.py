@@ -13,13 +13,20 @@ candidate measured so far runs instead, and the twin's time counts as its own. S
 number of tuning steps never depends on the batch (every process of a data-parallel job
 decides at the same meta-step), and a meta-batch of 4 spends no step on a slow twin.
 
-A candidate that raises while it is tried is left out from then on (its error kept in
-:attr:`Tuner.failures`) and the meta-step runs on the next candidate; only if every
+A batch shape may have candidates of its own (:meth:`Tuner.plan`: ``vmap`` in the largest
+chunks that fit the memory budget), and candidates may be *excluded* for it (predicted
+over the budget, or out of memory once): an excluded candidate's turns run the fastest one
+measured so far, its time is not counted, and it is never chosen.
+
+A candidate that raises while it runs is set aside and the same meta-step runs on the next
+candidate: one that ran out of memory is excluded for that batch shape; any other error
+rules it out for every shape (the error kept in :attr:`Tuner.failures`). Only if every
 candidate fails was the error the input's, and the first one is raised.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,6 +34,7 @@ from typing import Any
 from .._task import TaskBatch
 from .._tree import leaves
 from ._base import Engine
+from ._memory import is_out_of_memory
 
 Key = tuple[Any, ...]
 
@@ -54,9 +62,37 @@ class Tuner:
         self._calls: dict[Key, int] = {}
         self._times: dict[Key, dict[str, list[float]]] = {}
         self._twins: dict[Key, dict[str, str]] = {}  # label -> the candidate it equals
+        self._plans: dict[Key, list[tuple[str, Engine]]] = {}
+        self.excluded: dict[Key, set[str]] = {}
         self.chosen: dict[Key, str] = {}
         self.timings: dict[Key, dict[str, float]] = {}
         self.failures: dict[str, str] = {}  # label -> the error that ruled it out
+
+    def candidates_for(self, key: Key) -> list[tuple[str, Engine]]:
+        """The candidates of batch shape ``key`` (:meth:`plan`, else the tuner's own)."""
+        return self._plans.get(key, self.candidates)
+
+    def plan(self, key: Key, candidates: Sequence[tuple[str, Engine]],
+             excluded: Sequence[str] = ()) -> None:
+        """Candidates for batch shape ``key`` alone (as many as the tuner's own, so that
+        every shape decides after :attr:`steps`), some of them excluded."""
+        if len(candidates) != len(self.candidates):
+            raise ValueError(f"a plan needs {len(self.candidates)} candidates, got "
+                             f"{len(candidates)}")
+        self._plans[key] = list(candidates)
+        self.excluded[key] = set(excluded)
+
+    def exclude(self, key: Key, label: str) -> None:
+        """Never run or choose ``label`` again for ``key`` (it ran out of memory); a choice
+        already made for it moves to the fastest candidate left."""
+        self.excluded.setdefault(key, set()).add(label)
+        if self.chosen.get(key) == label:
+            left = {k: t for k, t in self.timings[key].items()
+                    if k not in self.excluded[key]}
+            if left:
+                self.chosen[key] = min(left, key=left.__getitem__)
+            else:
+                del self.chosen[key]
 
     @property
     def steps(self) -> int:
@@ -65,7 +101,8 @@ class Tuner:
 
     def run(self, key: Key, call: Callable[[Engine], Any],
             twin: Callable[[str], str | None] | None = None,
-            undo: Callable[[], None] | None = None) -> tuple[str, Any]:
+            undo: Callable[[], None] | None = None,
+            on_failure: Callable[[str, Exception], None] | None = None) -> tuple[str, Any]:
         """Run ``call(engine)`` on the engine for ``key`` (timing it while tuning).
 
         Args:
@@ -73,42 +110,63 @@ class Tuner:
             call: runs one meta-step on the engine it is given.
             twin: for a label, the label of an earlier candidate that runs the same
                 computation on this batch, or ``None``.
-            undo: clears what a failed ``call`` may have left (a partial ``.grad``)
+            undo: clears what a failed ``call`` may have left (a partial ``.grad``, memory)
                 before the next candidate runs.
+            on_failure: told each ``(label, error)`` that was set aside.
         """
-        engines = dict(self.candidates)
-        if key in self.chosen:
+        candidates = self.candidates_for(key)
+        if key in self.chosen:  # settled: only running out of memory moves the choice
             label = self.chosen[key]
-            return label, call(engines[label])
+            try:
+                return label, call(dict(candidates)[label])
+            except Exception as error:
+                if not is_out_of_memory(error) or len(self._working(key)) < 2:
+                    raise
+                if undo is not None:
+                    undo()
+                self.exclude(key, label)
+                if on_failure is not None:
+                    on_failure(label, error)
+            return self._run_first(key, call, self.chosen.get(key) or self._working(key)[0],
+                                   undo, on_failure)
         position = self._calls.get(key, 0)
+        working = self._working(key)
         if position == 0 or position >= self.steps:  # warm-up, or waiting for decide()
             self._calls[key] = max(position, 1)
-            return self._run_first(call, self._working()[0], undo)
+            return self._run_first(key, call, working[0], undo, on_failure)
         self._calls[key] = position + 1
-        label = self.candidates[(position - 1) % len(self.candidates)][0]
+        label = candidates[(position - 1) % len(candidates)][0]
         times = self._times.setdefault(key, {})
         same = twin(label) if twin is not None else None
         if same is not None:
             self._twins.setdefault(key, {})[label] = same
-        if same is not None or label in self.failures:  # run the fastest measured instead
-            measured = {k: min(v) for k, v in times.items() if v and k not in self.failures}
+        if same is not None or label not in working:  # the fastest measured runs instead
+            measured = {k: min(v) for k, v in times.items() if v and k in working}
             label = min(measured, key=measured.__getitem__) if measured else (
-                same if same is not None and same not in self.failures else self._working()[0])
+                same if same in working else working[0])
+            if same is None:  # an excluded or failed candidate's turn: its time not counted
+                return self._run_first(key, call, label, undo, on_failure)
         start = self.clock()
-        label, result = self._run_first(call, label, undo)
+        label, result = self._run_first(key, call, label, undo, on_failure)
         times.setdefault(label, []).append(self.clock() - start)
         return label, result
 
-    def _working(self) -> list[str]:
-        """The labels of the candidates that have not failed, in order (at least one)."""
-        labels = [label for label, _ in self.candidates if label not in self.failures]
-        return labels or [self.candidates[0][0]]
+    def _working(self, key: Key) -> list[str]:
+        """The labels of ``key``'s candidates neither excluded nor failed, in order (at
+        least one)."""
+        candidates = self.candidates_for(key)
+        excluded = self.excluded.get(key, set())
+        labels = [label for label, _ in candidates
+                  if label not in self.failures and label not in excluded]
+        return labels or [candidates[0][0]]
 
-    def _run_first(self, call: Callable[[Engine], Any], label: str,
-                   undo: Callable[[], None] | None) -> tuple[str, Any]:
-        """``call`` on ``label``'s engine, or on the next working candidate if it fails."""
-        engines, tried, errors = dict(self.candidates), [], []
-        order = [label] + [other for other in self._working() if other != label]
+    def _run_first(self, key: Key, call: Callable[[Engine], Any], label: str,
+                   undo: Callable[[], None] | None,
+                   on_failure: Callable[[str, Exception], None] | None) -> tuple[str, Any]:
+        """``call`` on ``label``'s engine, or on the next working candidate if it raises
+        (out of memory: excluded for ``key``; any other error: a failure for every key)."""
+        engines, tried, errors = dict(self.candidates_for(key)), [], []
+        order = [label] + [other for other in self._working(key) if other != label]
         for current in order:
             try:
                 return current, call(engines[current])
@@ -117,11 +175,16 @@ class Tuner:
                     undo()
                 tried.append(current)
                 errors.append(error)
-                text = str(error).strip()
-                self.failures[current] = (
-                    f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300])
+                if is_out_of_memory(error):
+                    self.excluded.setdefault(key, set()).add(current)
+                else:
+                    text = str(error).strip()
+                    self.failures[current] = (
+                        f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300])
+                if on_failure is not None:
+                    on_failure(current, error)
         for current in tried:  # every candidate failed: the input's error, not theirs
-            del self.failures[current]
+            self.failures.pop(current, None)
         raise errors[0]
 
     def ready(self) -> list[Key]:
@@ -137,11 +200,13 @@ class Tuner:
         """
         for key in self.ready():
             times, twins = self._times[key], self._twins.get(key, {})
-            best = [min(times.get(twins.get(label, label)) or [float("inf")])
-                    if label not in self.failures else float("inf")
-                    for label, _ in self.candidates]
+            excluded = self.excluded.get(key, set())
+            labels = [label for label, _ in self.candidates_for(key)]
+            # an excluded or failed candidate has no time (nor one another process measured)
+            best = [math.inf if label in excluded or label in self.failures
+                    else min(times.get(twins.get(label, label)) or [math.inf])
+                    for label in labels]
             combined = agree(best) if agree is not None else best
-            labels = [label for label, _ in self.candidates]
             self.chosen[key] = labels[min(range(len(labels)), key=combined.__getitem__)]
             self.timings[key] = {label: t for label, t in zip(labels, combined)
-                                 if t != float("inf")}  # a candidate that failed has none
+                                 if math.isfinite(t)}
