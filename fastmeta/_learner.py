@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ._inner_optim import InnerOptimizer, resolve_inner_optimizer
 from ._losses import Loss, label_problem, resolve_named, shape_problem
 from ._objectives import Proximal, SupervisedLoss
+from ._precision import LossScaler, autocast, check_precision, scaling
 from ._selection import Selection, select
 from ._structure import structure
 from ._task import TaskBatch, as_task, single_task, to_model
@@ -111,11 +112,15 @@ class MetaStepResult:
         task_losses: ``[tasks]`` query loss of each task after adaptation.
         support_losses: ``[tasks, inner_steps]`` inner objective (the support loss) before
             each inner step.
+        skipped: with ``precision="fp16"``: the meta-gradient or a loss was not finite
+            (a float16 overflow), so the meta-parameters were not updated and the loss
+            scale was halved (see :attr:`MetaLearner.precision`).
     """
 
     loss: float
     task_losses: Tensor
     support_losses: Tensor
+    skipped: bool = False
 
     @property
     def inner_losses(self) -> Tensor:
@@ -310,6 +315,10 @@ class MetaLearner(nn.Module):
             on a float64 copy of the learner (two tasks) before the first ``adapt`` and
             the first meta-gradient, and keep it only if they agree. Costs one extra
             small computation per kind of call, once; ``False`` skips it.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the forward passes of
+            both loops under ``torch.autocast`` on the model's device, the weights and
+            gradients in float32; ``"fp16"`` also scales the outer loss and skips a
+            meta-step whose meta-gradient overflows (:attr:`precision`).
     """
 
     def __init__(
@@ -326,6 +335,7 @@ class MetaLearner(nn.Module):
         compile: bool = False,
         verify_engine: bool = True,
         adapt: Selection | None = None,
+        precision: str | torch.dtype = "fp32",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -361,6 +371,7 @@ class MetaLearner(nn.Module):
         # The optimiser whose parameter groups were last checked (identity and layout).
         self._checked_optimizer: tuple[int, int, tuple[tuple[int, int], ...]] | None = None
         self.meta_gradient_sync: MetaGradientSync | None = None
+        self.precision = precision  # validated (and the fp16 loss scaler made) by the setter
 
     # ------------------------------------------------------------------ hooks for algorithms
 
@@ -368,6 +379,29 @@ class MetaLearner(nn.Module):
     def engine(self) -> str:
         """Name of the engine that runs the inner loop."""
         return self._engine.name
+
+    @property
+    def precision(self) -> str:
+        """``"fp32"``, ``"bf16"`` or ``"fp16"``: the autocast precision of both loops.
+
+        The meta-parameters, fast weights and gradients stay float32 (autocast casts
+        weights inside the ops that run in the lower precision). ``"fp16"`` scales the
+        outer loss dynamically, as ``torch.amp.GradScaler`` does, and a meta-step whose
+        meta-gradient or losses overflow is skipped (:attr:`MetaStepResult.skipped`;
+        :attr:`skipped_steps` counts them); after ``fastmeta._precision.MAX_SKIPPED_IN_A_ROW``
+        skipped steps in a row, :class:`DivergenceError` is raised. Settable.
+        """
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str | torch.dtype) -> None:
+        self._precision = check_precision(value)
+        self._loss_scaler = LossScaler() if self._precision == "fp16" else None
+
+    @property
+    def skipped_steps(self) -> int:
+        """Meta-steps skipped on a float16 overflow (``precision="fp16"``)."""
+        return 0 if self._loss_scaler is None else self._loss_scaler.skipped
 
     @property
     def engine_decision(self) -> EngineDecision:
@@ -500,9 +534,12 @@ class MetaLearner(nn.Module):
         Reptile, iMAML and the baselines override it. ``meta_step`` calls it (through
         :attr:`meta_gradient_sync` under data-parallel training).
         """
+        outer = self.outer_objective()
+        if self._loss_scaler is not None and self._loss_scaler.active:
+            outer = self._loss_scaler.wrap(outer, self.device)
         return self._engine.meta_gradient(
             self.module, task, self.inner_loop(task, self.inner_steps),
-            self.outer_objective(), order=self.meta_gradient_order())
+            outer, order=self.meta_gradient_order())
 
     # ------------------------------------------------------------------ public API
 
@@ -643,9 +680,10 @@ class MetaLearner(nn.Module):
         """
         task = self.prepare(batch)
         self._check_engine("meta_gradient", lambda: task)
-        losses = self._engine.meta_loss(
-            self.module, task, self.inner_loop(task, self.inner_steps), self.outer_objective(),
-            order=self.meta_gradient_order())
+        with autocast(self._precision, self.device):
+            losses = self._engine.meta_loss(
+                self.module, task, self.inner_loop(task, self.inner_steps),
+                self.outer_objective(), order=self.meta_gradient_order())
         assert losses.objectives is not None
         return losses.objectives.mean()
 
@@ -694,9 +732,20 @@ class MetaLearner(nn.Module):
             optimizer.zero_grad(set_to_none=True)
             for _, p in structure(self).named_parameters():  # as zero_grad(set_to_none=True)
                 p.grad = None
-            return self.meta_gradient(task)
+            with autocast(self._precision, self.device), scaling(self._loss_scaler):
+                return self.meta_gradient(task)
 
         output = local() if sync is None else sync(self, local)
+        scaler = self._loss_scaler
+        if scaler is not None:
+            grads = [p.grad for _, p in structure(self).named_parameters() if p.grad is not None]
+            output, skip = scaler.unscale(grads, output)
+            if skip:  # a float16 overflow: leave the weights, as GradScaler does
+                self.zero_grad(set_to_none=True)
+                self.meta_steps_taken += 1
+                return MetaStepResult(float(output.query_losses.mean()),
+                                      output.query_losses.detach().cpu(),
+                                      output.support_losses.cpu(), skipped=True)
         self._check_finite(output)
         optimizer.step()
         self.meta_steps_taken += 1
@@ -790,7 +839,7 @@ class MetaLearner(nn.Module):
         return AdaptedTasks(self.module, output.params, output.buffers, output.support_losses)
 
     def _adapt(self, task: TaskBatch, steps: int) -> Adaptation:
-        with torch.enable_grad():
+        with torch.enable_grad(), autocast(self._precision, self.device):
             output = self._engine.adapt(self.module, task, self.inner_loop(task, steps))
         if not torch.isfinite(output.support_losses).all():
             warnings.warn(

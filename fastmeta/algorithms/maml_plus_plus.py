@@ -64,7 +64,8 @@ class MAMLPlusPlus(MetaLearner):
             ``s`` updates; they are meta-learned, not adapted.
         first_order_iterations: first-order meta-gradients for this many meta-steps, then
             second order (derivative-order annealing, DA); 0 switches it off.
-        loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine, adapt:
+        loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine,
+        precision, adapt:
             as for :class:`fastmeta.MAML`.
 
     Example:
@@ -95,12 +96,14 @@ class MAMLPlusPlus(MetaLearner):
         engine: str | Engine = "auto",
         compile: bool = False,
         verify_engine: bool = True,
+        precision: str | torch.dtype = "fp32",
         adapt: Selection | None = None,
     ) -> None:
         super().__init__(
             model, inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
             engine=engine, compile=compile, verify_engine=verify_engine, adapt=adapt,
+            precision=precision,
         )
         self.multi_step_loss = bool(multi_step_loss)
         self.multi_step_iterations = check_steps("multi_step_iterations",

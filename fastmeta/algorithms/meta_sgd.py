@@ -33,7 +33,7 @@ class MetaSGD(MetaLearner):
         inner_steps, first_order, loss_fn: as for :class:`fastmeta.MAML`.
         inner_optimizer, inner_optimizer_kwargs: as for :class:`fastmeta.MAML`; with
             another inner optimiser than SGD, the learned rates scale that optimiser's step.
-        engine, compile, verify_engine, adapt: as for :class:`fastmeta.MAML`.
+        engine, compile, verify_engine, precision, adapt: as for :class:`fastmeta.MAML`.
 
     Example:
         >>> learner = fastmeta.MetaSGD(model, inner_lr=0.01)
@@ -55,6 +55,7 @@ class MetaSGD(MetaLearner):
         engine: str | Engine = "auto",
         compile: bool = False,
         verify_engine: bool = True,
+        precision: str | torch.dtype = "fp32",
         adapt: Selection | None = None,
         first_order: bool = False,
     ) -> None:
@@ -63,6 +64,7 @@ class MetaSGD(MetaLearner):
             loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
             engine=engine, compile=compile, verify_engine=verify_engine, adapt=adapt,
+            precision=precision,
         )
         named = dict(model.named_parameters())
         self._lr_keys = {name: name.replace(".", "-") for name in super().adapted_names()}

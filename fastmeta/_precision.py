@@ -1,0 +1,177 @@
+"""Mixed precision of a learner: autocast through both loops, fp32 master weights.
+
+``precision="bf16"`` or ``"fp16"`` runs the model's forward passes (every inner step's
+support loss and its gradient, and the query loss) under :func:`torch.autocast` on the
+model's device, while the meta-parameters, the fast weights and the gradients stay in
+float32: autocast casts a copy of each weight to the lower precision inside the ops that
+profit from it (matrix products, convolutions) and keeps losses and reductions in float32.
+
+float16's range is small (the largest value is 65504), so ``"fp16"`` also scales the
+outer loss, as :class:`torch.amp.GradScaler` does: the query loss is multiplied by a
+dynamic scale before the meta-gradient is computed, the gradient divided by it after.
+A meta-step whose meta-gradient or losses are not finite (a float16 overflow in the
+inner loop or in the backward pass) is skipped: the meta-parameters are left as they
+were, the scale is halved, and :attr:`MetaStepResult.skipped` says so. After
+:data:`MAX_SKIPPED_IN_A_ROW` skipped steps in a row the learner gives up with
+:class:`fastmeta.DivergenceError`, as in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .engines import MetaLosses, OuterObjective
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+
+# Skipped fp16 meta-steps in a row after which training is called divergent: the scale
+# has then been halved as often, so an overflow that scaling can cure is long cured.
+MAX_SKIPPED_IN_A_ROW = 20
+
+
+def check_precision(precision: object) -> str:
+    """The canonical name (``"fp32"``, ``"bf16"``, ``"fp16"``) of ``precision``.
+
+    Accepts those names, ``"float32"``/``"bfloat16"``/``"float16"`` and the torch dtypes.
+
+    Raises:
+        ValueError: anything else; the message lists the choices.
+    """
+    if isinstance(precision, torch.dtype):
+        for name, dtype in DTYPES.items():
+            if dtype == precision:
+                return name
+    elif isinstance(precision, str):
+        name = _ALIASES.get(precision.lower(), precision.lower())
+        if name in PRECISIONS:
+            return name
+    raise ValueError(
+        f"precision must be one of {', '.join(repr(p) for p in PRECISIONS)} (or "
+        f"torch.float32, torch.bfloat16, torch.float16), got {precision!r}"
+    )
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The autocast context of ``precision`` on ``device`` (nothing for ``"fp32"``)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+@dataclass(frozen=True)
+class ScaledLoss:
+    """``loss_fn(prediction, target) · scale``: the outer loss of an fp16 meta-step.
+
+    ``scale`` is read from :class:`LossScaler` at every call (a 0-dim tensor updated in
+    place), so one object serves every step, compiled steps included.
+    """
+
+    loss_fn: Callable[[Any, Any], Tensor]
+    scaler: LossScaler
+
+    def __call__(self, prediction: Any, target: Any) -> Tensor:
+        return self.loss_fn(prediction, target).float() * self.scaler.scale
+
+
+@dataclass(eq=False)
+class LossScaler:
+    """Dynamic loss scale of fp16 meta-steps, as :class:`torch.amp.GradScaler` keeps it.
+
+    Attributes:
+        init_scale: the first scale (``GradScaler``'s default).
+        scale: the current scale (a 0-dim float32 tensor on the model's device).
+        growth_interval: finite steps in a row after which the scale doubles.
+        skipped: meta-steps skipped so far; ``skipped_in_a_row`` those since the last
+            finite one.
+    """
+
+    init_scale: float = 2.0**16
+    growth_interval: int = 2000
+    scale: Tensor = dataclasses.field(init=False)
+    good_steps: int = 0
+    skipped: int = 0
+    skipped_in_a_row: int = 0
+    # Whether the outer loss of the step in progress was scaled (learners that compute
+    # their own meta-gradient, such as Reptile's pseudo-gradient, have no outer loss).
+    applied: bool = False
+    # Set by :func:`scaling` around the meta-gradient of ``meta_step``.
+    active: bool = False
+
+    def __post_init__(self) -> None:
+        self.scale = torch.tensor(float(self.init_scale))
+
+    def wrap(self, outer: OuterObjective, device: torch.device) -> OuterObjective:
+        """``outer`` with its loss multiplied by the scale (kept on ``device``)."""
+        if self.scale.device != device:
+            self.scale = self.scale.to(device)
+        self.applied = True
+        if isinstance(outer.loss_fn, ScaledLoss):
+            return outer
+        return dataclasses.replace(outer, loss_fn=ScaledLoss(outer.loss_fn, self))
+
+    def unscale(self, grads: Iterable[Tensor], output: MetaLosses) -> tuple[MetaLosses, bool]:
+        """Divide the gradients (in place) and query losses by the scale if the step's
+        outer loss was scaled, update the scale, and say whether to skip the step: its
+        meta-gradient or losses are not finite, and :attr:`gives_up` is still false."""
+        grads = list(grads)
+        if self.applied:
+            inverse = 1.0 / float(self.scale)
+            if grads:
+                torch._foreach_mul_(grads, inverse)
+            output = MetaLosses(output.query_losses * inverse, output.support_losses)
+            self.applied = False
+        finite = all_finite([*grads, output.query_losses, output.support_losses])
+        if finite:
+            self.skipped_in_a_row = 0
+            self.good_steps += 1
+            if self.good_steps >= self.growth_interval:
+                self.scale.mul_(2.0)
+                self.good_steps = 0
+        else:
+            self.skipped += 1
+            self.skipped_in_a_row += 1
+            self.good_steps = 0
+            self.scale.mul_(0.5)
+        return output, not finite and not self.gives_up
+
+    @property
+    def gives_up(self) -> bool:
+        """Whether so many steps in a row were skipped that the run is divergent."""
+        return self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite, each tensor checked on its own (a
+    sum of finite magnitudes can overflow)."""
+    by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            by_kind.setdefault((t.dtype, t.device), []).append(t)
+    for group in by_kind.values():
+        norms = torch.stack(torch._foreach_norm(group, math.inf))
+        if not bool(torch.isfinite(norms).all()):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def scaling(scaler: LossScaler | None) -> Iterator[None]:
+    """While the block runs, the learner's meta-gradient scales its outer loss."""
+    if scaler is None:
+        yield
+        return
+    scaler.active = True
+    try:
+        yield
+    finally:
+        scaler.active = False
