@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ._inner_optim import InnerOptimizer, resolve_inner_optimizer
 from ._losses import Loss, label_problem, resolve_named, shape_problem
 from ._objectives import Proximal, SupervisedLoss
-from ._precision import LossScaler, autocast, check_precision, scaling
+from ._precision import LossScaler, autocast, check_precision, scaling, unscale_and_check
 from ._selection import Selection, select
 from ._structure import structure
 from ._task import TaskBatch, as_task, single_task, to_model
@@ -370,6 +370,7 @@ class MetaLearner(nn.Module):
         self._warned_optimizer = False
         # The optimiser whose parameter groups were last checked (identity and layout).
         self._checked_optimizer: tuple[int, int, tuple[tuple[int, int], ...]] | None = None
+        self._optimizer_outside = True  # whether it holds parameters the learner lacks
         self.meta_gradient_sync: MetaGradientSync | None = None
         self.precision = precision  # validated (and the fp16 loss scaler made) by the setter
 
@@ -629,7 +630,9 @@ class MetaLearner(nn.Module):
         task's support inputs, cached per input signature; ``None`` if it is not per example."""
         x = task.support_x
         flat = leaves(x)
-        key = (str(torch.utils._pytree.tree_structure(x)), self.module.training,
+        structure_key = "tensor" if isinstance(x, Tensor) else str(
+            torch.utils._pytree.tree_structure(x))
+        key = (structure_key, self.module.training,
                tuple((tuple(leaf.shape[1:]), leaf.dtype) for leaf in flat))
         if key in self._output_specs:
             return self._output_specs[key]
@@ -729,7 +732,8 @@ class MetaLearner(nn.Module):
         def local() -> MetaLosses:
             self._check_optimizer(optimizer)
             task = self.prepare(batch)
-            optimizer.zero_grad(set_to_none=True)
+            if self._optimizer_outside:  # parameters of its own beside the learner's
+                optimizer.zero_grad(set_to_none=True)
             for _, p in structure(self).named_parameters():  # as zero_grad(set_to_none=True)
                 p.grad = None
             with autocast(self._precision, self.device), scaling(self._loss_scaler):
@@ -875,6 +879,7 @@ class MetaLearner(nn.Module):
             return
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in held]
+        self._optimizer_outside = bool(held - {id(p) for p in self.parameters()})
         if len(missing) == sum(1 for p in self.parameters() if p.requires_grad):
             raise ValueError(
                 "optimizer holds none of the learner's meta-parameters; build it with "
@@ -902,8 +907,6 @@ class MetaLearner(nn.Module):
         bad_grads = [name for name, g in named if not torch.isfinite(g).all()]
         finite_support = torch.isfinite(output.support_losses)
         finite_query = torch.isfinite(output.query_losses)
-        if finite_support.all() and finite_query.all() and not bad_grads:
-            return  # all finite: the fused sum overflowed
         self.zero_grad(set_to_none=True)
         advice = (
             f"(inner_lr={self.inner_lr}, inner_steps={self.inner_steps}). The inner loop "
@@ -940,21 +943,6 @@ class MetaLearner(nn.Module):
 
 
 def _all_finite(grads: list[Tensor], output: MetaLosses) -> bool:
-    """Whether every gradient and loss is (very likely) finite, with one device sync.
-
-    The largest magnitude of a tensor is finite exactly when all its entries are (NaN and
-    infinities propagate), and ``torch._foreach_norm`` with ``ord=inf`` gives it for all
-    gradients and losses of one dtype and device in one call; the sum of those is finite
-    when they all are.
-    ``False`` may also mean that the sum overflowed: the caller then checks one by one.
-    """
-    device = output.query_losses.device
-    by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-    for t in (*grads, output.support_losses, output.query_losses):
-        if t.numel():
-            by_kind.setdefault((t.dtype, t.device), []).append(t)
-    sums = [torch.stack(torch._foreach_norm(group, math.inf)).sum().to(device)
-            for group in by_kind.values()]
-    if not sums:
-        return True
-    return math.isfinite(float(sums[0] if len(sums) == 1 else torch.stack(sums).sum()))
+    """Whether every gradient and loss is finite: one fused check per device and dtype and
+    one device sync (see :func:`fastmeta._precision.unscale_and_check`)."""
+    return unscale_and_check([*grads, output.support_losses, output.query_losses.detach()])

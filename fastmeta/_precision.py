@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,14 +122,11 @@ class LossScaler:
         """Divide the gradients (in place) and query losses by the scale if the step's
         outer loss was scaled, update the scale, and say whether to skip the step: its
         meta-gradient or losses are not finite, and :attr:`gives_up` is still false."""
-        grads = list(grads)
-        if self.applied:
-            inverse = 1.0 / float(self.scale)
-            if grads:
-                torch._foreach_mul_(grads, inverse)
-            output = MetaLosses(output.query_losses * inverse, output.support_losses)
-            self.applied = False
-        finite = all_finite([*grads, output.query_losses, output.support_losses])
+        query = output.query_losses.detach().clone()
+        inverse = self.scale.reciprocal() if self.applied else None
+        self.applied = False
+        finite = unscale_and_check([*grads, query, output.support_losses], inverse)
+        output = MetaLosses(query, output.support_losses)
         if finite:
             self.skipped_in_a_row = 0
             self.good_steps += 1
@@ -150,26 +146,42 @@ class LossScaler:
         return self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW
 
 
-def all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite, each tensor checked on its own (a
-    sum of finite magnitudes can overflow)."""
-    by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+def unscale_and_check(tensors: Sequence[Tensor], inverse: Tensor | None = None) -> bool:
+    """Multiply ``tensors`` in place by ``inverse`` (if given) and say whether every entry
+    of every one is finite.
+
+    One fused call per device and dtype (``torch._amp_foreach_non_finite_check_and_unscale_``,
+    what :class:`torch.amp.GradScaler` runs) checks each entry, so finite tensors whose sum
+    would overflow pass; one host sync per device reads the verdict.
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    others = []
     for t in tensors:
-        if t.numel():
-            by_kind.setdefault((t.dtype, t.device), []).append(t)
-    for group in by_kind.values():
-        norms = torch.stack(torch._foreach_norm(group, math.inf))
-        if not bool(torch.isfinite(norms).all()):
-            return False
-    return True
+        if not t.numel():
+            continue
+        if t.is_floating_point():
+            groups.setdefault((t.device, t.dtype), []).append(t)
+        else:
+            others.append(t)
+    found: dict[torch.device, Tensor] = {}
+    for (device, _), group in groups.items():
+        if device not in found:
+            found[device] = torch.zeros(1, device=device)
+        scale = (torch.ones(1, device=device) if inverse is None
+                 else inverse.reshape(1).to(device=device, dtype=torch.float32))
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found[device], scale)
+    if any(bool(flag) for flag in found.values()):
+        return False
+    return all(bool(torch.isfinite(t).all()) for t in others)
+
+
+def scaling(scaler: LossScaler | None) -> contextlib.AbstractContextManager[None]:
+    """While the block runs, the learner's meta-gradient scales its outer loss."""
+    return contextlib.nullcontext() if scaler is None else _scaling(scaler)
 
 
 @contextlib.contextmanager
-def scaling(scaler: LossScaler | None) -> Iterator[None]:
-    """While the block runs, the learner's meta-gradient scales its outer loss."""
-    if scaler is None:
-        yield
-        return
+def _scaling(scaler: LossScaler) -> Iterator[None]:
     scaler.active = True
     try:
         yield

@@ -172,6 +172,22 @@ def validate_task(task: TaskBatch) -> None:
     per-task context, such as the ``edge_index`` ``[tasks, 2, edges]`` of one graph per
     task, is passed to the model whole.
     """
+    # With plain tensors the checks depend on the shapes alone: each shape is checked once.
+    shapes = tuple(None if v is None else tuple(v.shape) if isinstance(v, Tensor) else False
+                   for v in task)
+    if False not in shapes and shapes in _VALID_SHAPES:
+        return
+    _validate_task(task)
+    if False not in shapes:
+        if len(_VALID_SHAPES) > 4096:
+            _VALID_SHAPES.clear()
+        _VALID_SHAPES.add(shapes)
+
+
+_VALID_SHAPES: set[tuple[Any, ...]] = set()
+
+
+def _validate_task(task: TaskBatch) -> None:
     heads: dict[str, tuple[int, int]] = {}
     for name, value in zip(TaskBatch._fields, task):
         if value is None and name == "support_y":
@@ -224,6 +240,8 @@ def to_model(task: TaskBatch, reference: Tensor) -> TaskBatch:
 
     def move(value: Tensor) -> Tensor:
         dtype = reference.dtype if value.is_floating_point() else value.dtype
+        if value.dtype == dtype and value.device == reference.device:
+            return value  # as .to() would, without its call
         return value.to(device=reference.device, dtype=dtype)
 
     return TaskBatch(*(tree_map(move, value) for value in task))

@@ -31,6 +31,7 @@ buffers are never written, as everywhere in fastmeta).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -236,8 +237,31 @@ def _has_weight_norm(module: nn.Module) -> bool:
     return any(type(hook).__name__ == "WeightNorm" for hook in module._forward_pre_hooks.values())
 
 
-@contextlib.contextmanager
-def exact_layers(module: nn.Module, *, vectorised: bool, second_order: bool) -> Iterator[None]:
+# module -> (its walk, {(vectorised, second_order): (routes, batch norms)}): what
+# exact_layers finds in a model changes only with a registration (a new walk).
+_LAYERS: weakref.WeakKeyDictionary[nn.Module, tuple[Any, dict[tuple[bool, bool], Any]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _layers(module: nn.Module, *, vectorised: bool, second_order: bool
+            ) -> tuple[dict[Callable[..., Any], Callable[..., Tensor]],
+                       list[nn.modules.batchnorm._BatchNorm]]:
+    """:func:`_routes` and the batch norms of ``module``, computed once per walk."""
+    walk = structure(module)
+    cached = _LAYERS.get(module)
+    if cached is None or cached[0] is not walk:
+        cached = _LAYERS[module] = (walk, {})
+    key = (vectorised, second_order)
+    if key not in cached[1]:
+        norms = [m for m in walk.modules if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        cached[1][key] = (_routes(module, vectorised=vectorised, second_order=second_order),
+                          norms)
+    routes, norms = cached[1][key]
+    return routes, norms
+
+
+def exact_layers(module: nn.Module, *, vectorised: bool, second_order: bool
+                 ) -> contextlib.AbstractContextManager[None]:
     """Run the block with the exact forms of the layers ``module`` holds.
 
     Args:
@@ -248,12 +272,19 @@ def exact_layers(module: nn.Module, *, vectorised: bool, second_order: bool) -> 
             fixed-length embedding bags become embedding + reduction, weight norm is
             computed from its definition).
     """
-    routes = _routes(module, vectorised=vectorised, second_order=second_order)
-    switched = []
+    routes, norms = _layers(module, vectorised=vectorised, second_order=second_order)
+    switched: list[nn.modules.batchnorm._BatchNorm] = []
     if vectorised:  # in-place statistics updates (and their counter) cannot run under vmap
-        switched = [m for m in structure(module).modules
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                    and m.training and m.track_running_stats]
+        switched = [m for m in norms if m.training and m.track_running_stats]
+    if not routes and not switched:  # the common case, without a generator per call
+        return sdpa_kernel(SDPBackend.MATH) if second_order else contextlib.nullcontext()
+    return _exact_layers(routes, switched, second_order)
+
+
+@contextlib.contextmanager
+def _exact_layers(routes: dict[Callable[..., Any], Callable[..., Tensor]],
+                  switched: list[nn.modules.batchnorm._BatchNorm],
+                  second_order: bool) -> Iterator[None]:
     for m in switched:
         m.track_running_stats = False
     try:

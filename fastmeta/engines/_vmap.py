@@ -64,8 +64,10 @@ def one_task(
     query_x: Tree,
     query_y: Tree,
     indices: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Params]:
-    """One task: (meta-objective, query loss after the last step, support losses, params)."""
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], Params]:
+    """One task: ((meta-objective, query loss after the last step), the support loss before
+    each step, params); the first is ``()`` without ``outer`` (``vmap`` returns no
+    ``None``), the last ``{}`` with it."""
     names = loop.adapted
     fixed = {**frozen, **{n: p for n, p in trainable.items() if n not in names}}
     rule = loop.optimizer.rule()
@@ -80,9 +82,8 @@ def one_task(
 
     initial = {n: trainable[n] for n in names}
     adapted, state = dict(initial), rule.init(initial)
-    # Placeholders in the parameters' dtype: inputs may be integer token ids.
-    zero = next(iter(trainable.values())).new_zeros(())
-    objective, losses = zero, []
+    objective: Tensor | None = None
+    losses = []
     weights = outer.weights(loop.steps) if outer is not None else ()
     for step in range(loop.steps):
         x, y = support_x, support_y
@@ -96,23 +97,25 @@ def one_task(
             return loop.objective(context)
 
         grads, loss = grad_and_value(inner)(adapted)
-        losses.append(loss.detach())
+        losses.append(loss)  # detached by the caller, outside vmap (a cheaper op there)
         if order is not MetaGrad.SECOND_ORDER:
             grads = {n: g.detach() for n, g in grads.items()}
         adapted, state = rule.update(adapted, grads, state, loop.rates(step))
         if outer is not None and weights[step] != 0 and step < loop.steps - 1:
-            step_loss = outer.loss_fn(forward(step + 1, adapted, query_x), query_y)
-            objective = objective + weights[step] * step_loss
-    query_loss = zero
+            step_loss = weights[step] * outer.loss_fn(forward(step + 1, adapted, query_x),
+                                                      query_y)
+            objective = step_loss if objective is None else objective + step_loss
+    query_loss = None
     if outer is not None:
         query_loss = outer.loss_fn(forward(loop.steps, adapted, query_x), query_y)
         last = query_loss if weights[-1] == 1.0 else weights[-1] * query_loss
-        objective = last if objective is zero else objective + last
-    support_losses = torch.stack(losses) if losses else zero.new_zeros(0)
+        objective = last if objective is None else objective + last
     # The adapted weights are an output only for adapt(): under vmap every output is
     # materialised for all tasks, and meta_loss() has no use for them.
-    params = params_at(loop.steps, adapted) if outer is None else {}
-    return objective, query_loss, support_losses, params
+    if outer is None:
+        return (), tuple(losses), params_at(loop.steps, adapted)
+    assert objective is not None and query_loss is not None
+    return (objective, query_loss), tuple(losses), {}
 
 
 def _meta_batch(
@@ -125,14 +128,22 @@ def _meta_batch(
     buffers: Params,
     task: TaskBatch,
     batch_indices: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Params]:
-    """:func:`one_task` vectorised over the tasks of ``task``."""
+) -> tuple[Tensor | None, Tensor | None, Tensor, Params]:
+    """:func:`one_task` vectorised over the tasks of ``task``; the support losses come back
+    ``[tasks, steps]`` and detached."""
     args = (*task, batch_indices)
     in_dims = tuple(None if value is None else 0 for value in args)
     # Random layers (Dropout) draw their own masks for every task.
     batched = vmap(partial(one_task, module, loop, order, outer, trainable, frozen, buffers),
                    in_dims=in_dims, randomness="different")
-    return batched(*args)
+    scores, losses, params = batched(*args)
+    objective, query_loss = scores if scores else (None, None)
+    if losses:
+        support_losses = torch.stack(losses, dim=1).detach()
+    else:
+        reference = next(iter(trainable.values()))
+        support_losses = reference.new_zeros(task.num_tasks, 0).detach()
+    return objective, query_loss, support_losses, params
 
 
 def split_parameters(module: nn.Module) -> tuple[Params, Params, Params]:
