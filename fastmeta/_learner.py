@@ -20,7 +20,7 @@ from ._objectives import Proximal, SupervisedLoss
 from ._precision import LossScaler, autocast, check_precision, scaling, unscale_and_check
 from ._selection import Selection, select
 from ._structure import structure
-from ._task import TaskBatch, as_task, single_task, to_model
+from ._task import TaskBatch, as_task, shapes_of, single_task, to_model
 from ._tree import (
     Tree,
     apply,
@@ -355,6 +355,8 @@ class MetaLearner(nn.Module):
         self._example_shapes: list[tuple[int, ...]] | None = None
         # Input signature -> (prediction shape after the examples dim, prediction dtype).
         self._output_specs: dict[Any, tuple[tuple[int, ...], torch.dtype] | None] = {}
+        # What the last batch that passed prepare()'s checks looked like (shapes_of()).
+        self._prepared: Any = None
         self.inner_lr = _check_positive_number("inner_lr", inner_lr)
         self.inner_steps = check_steps("inner_steps", inner_steps, 1)
         self.first_order = bool(first_order)
@@ -565,9 +567,17 @@ class MetaLearner(nn.Module):
         Returns:
             The :class:`fastmeta.TaskBatch` the engines run.
         """
-        task = self._check_support_targets(to_model(as_task(batch), self._reference()))
-        self._check_loss(task)
-        self._example_shapes = [tuple(leaf.shape[2:]) for leaf in leaves(task.support_x)]
+        task = to_model(as_task(batch), self._reference())
+        # A batch of plain tensors like the last one needs no new check but of its labels.
+        key = shapes_of(task)
+        key = None if key is None else (key, self.module.training, id(self.loss_fn))
+        if key is None or key != self._prepared:
+            self._check_support_targets(task)
+            self._check_loss(task)
+            self._example_shapes = [tuple(leaf.shape[2:]) for leaf in leaves(task.support_x)]
+            self._prepared = key
+        elif isinstance(self.loss_fn, Loss) and self.loss_fn.name == "cross_entropy":
+            self._check_loss(task)
         return task
 
     def _supervised_inner(self) -> bool:

@@ -173,15 +173,23 @@ def validate_task(task: TaskBatch) -> None:
     task, is passed to the model whole.
     """
     # With plain tensors the checks depend on the shapes alone: each shape is checked once.
-    shapes = tuple(None if v is None else tuple(v.shape) if isinstance(v, Tensor) else False
-                   for v in task)
-    if False not in shapes and shapes in _VALID_SHAPES:
+    shapes = shapes_of(task)
+    if shapes is not None and shapes in _VALID_SHAPES:
         return
     _validate_task(task)
-    if False not in shapes:
+    if shapes is not None:
         if len(_VALID_SHAPES) > 4096:
             _VALID_SHAPES.clear()
         _VALID_SHAPES.add(shapes)
+
+
+def shapes_of(task: TaskBatch) -> tuple[Any, ...] | None:
+    """Shape, dtype and device of each part of a batch of plain tensors (``None`` for an
+    unlabelled support set); ``None`` if a part is a tree of tensors."""
+    if not all(isinstance(part, Tensor) or part is None for part in task):
+        return None
+    return tuple(None if part is None else (part.shape, part.dtype, part.device)
+                 for part in task)
 
 
 _VALID_SHAPES: set[tuple[Any, ...]] = set()

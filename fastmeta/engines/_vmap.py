@@ -64,10 +64,10 @@ def one_task(
     query_x: Tree,
     query_y: Tree,
     indices: Tensor | None,
-) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], Params]:
-    """One task: ((meta-objective, query loss after the last step), the support loss before
-    each step, params); the first is ``()`` without ``outer`` (``vmap`` returns no
-    ``None``), the last ``{}`` with it."""
+) -> tuple[Any, ...]:
+    """One task: ``(meta-objective, query loss after the last step, *support losses)``,
+    the support loss before each step; without ``outer`` (adapt):
+    ``(*support losses, params after the last step)``."""
     names = loop.adapted
     fixed = {**frozen, **{n: p for n, p in trainable.items() if n not in names}}
     rule = loop.optimizer.rule()
@@ -112,10 +112,11 @@ def one_task(
         objective = last if objective is None else objective + last
     # The adapted weights are an output only for adapt(): under vmap every output is
     # materialised for all tasks, and meta_loss() has no use for them.
+    # A flat tuple: vmap and grad walk their outputs' trees on every call.
     if outer is None:
-        return (), tuple(losses), params_at(loop.steps, adapted)
+        return (*losses, params_at(loop.steps, adapted))
     assert objective is not None and query_loss is not None
-    return (objective, query_loss), tuple(losses), {}
+    return (objective, query_loss, *losses)
 
 
 def _meta_batch(
@@ -132,12 +133,23 @@ def _meta_batch(
     """:func:`one_task` vectorised over the tasks of ``task``; the support losses come back
     ``[tasks, steps]`` and detached."""
     args = (*task, batch_indices)
-    in_dims = tuple(None if value is None else 0 for value in args)
+    present = [i for i, value in enumerate(args) if value is not None]
+
+    def per_task(*values: Any) -> tuple[Any, ...]:
+        full: list[Any] = [None] * len(args)
+        for i, value in zip(present, values):
+            full[i] = value
+        return one_task(module, loop, order, outer, trainable, frozen, buffers, *full)
+
     # Random layers (Dropout) draw their own masks for every task.
-    batched = vmap(partial(one_task, module, loop, order, outer, trainable, frozen, buffers),
-                   in_dims=in_dims, randomness="different")
-    scores, losses, params = batched(*args)
-    objective, query_loss = scores if scores else (None, None)
+    out = vmap(per_task, randomness="different")(*(args[i] for i in present))
+    objective: Tensor | None = None
+    query_loss: Tensor | None = None
+    params: Params = {}
+    if outer is None:
+        *losses, params = out
+    else:
+        objective, query_loss, *losses = out
     if losses:
         support_losses = torch.stack(losses, dim=1).detach()
     else:
