@@ -159,7 +159,7 @@ def reference_step(model: nn.Module, task: fastmeta.TaskBatch, config: Config,
                    second_order: bool) -> None:
     """MAML written out: per task, inner steps by autograd, then backward."""
     loss = _loss(config)
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # LoRA: adapters
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     with _math_attention():
         for t in range(task.num_tasks):

@@ -158,6 +158,25 @@ def _meta_batch(
     return objective, query_loss, support_losses, params
 
 
+def _mean_meta_batch(
+    module: nn.Module,
+    loop: InnerLoop,
+    order: MetaGrad,
+    outer: OuterObjective,
+    trainable: Params,
+    frozen: Params,
+    buffers: Params,
+    task: TaskBatch,
+    batch_indices: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The mean meta-objective (to differentiate), the query and the support losses
+    (detached): what a compiled meta-gradient needs, in one graph with the inner loop."""
+    objectives, query_losses, support_losses, _ = _meta_batch(
+        module, loop, order, outer, trainable, frozen, buffers, task, batch_indices)
+    assert objectives is not None and query_losses is not None
+    return objectives.mean(), query_losses.detach(), support_losses
+
+
 def split_parameters(module: nn.Module) -> tuple[Params, Params, Params]:
     walk = structure(module)
     named = walk.named_parameters()
@@ -192,6 +211,8 @@ class VmapEngine(Engine):
                       outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
         size = self.chunk_size
         if size is None or not self.splits(task):
+            if self.compile:  # the mean in the compiled graph too, as one would write it
+                return self._compiled_meta_gradient(module, task, loop, outer, order)
             return super().meta_gradient(module, task, loop, outer, order=order)
         queries, supports = [], []
         for start in range(0, task.num_tasks, size):
@@ -233,24 +254,46 @@ class VmapEngine(Engine):
                                                 loop.batch_indices)
         return MetaLosses(query_losses.detach(), support_losses, objectives)
 
+    def _compiled_meta_gradient(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
+                                outer: OuterObjective, order: MetaGrad) -> MetaLosses:
+        trainable, frozen, buffers = split_parameters(module)
+        fn = partial(_mean_meta_batch, module, loop, order, outer)
+        with exact_layers(module, vectorised=True,
+                          second_order=order is MetaGrad.SECOND_ORDER):
+            mean, query_losses, support_losses = self._maybe_compiled(
+                fn, module, loop, outer, order, "mean")(trainable, frozen, buffers, task,
+                                                        loop.batch_indices)
+        mean.backward()
+        return MetaLosses(query_losses, support_losses)
+
     def _maybe_compiled(self, fn: Callable[..., Any], module: nn.Module, loop: InnerLoop,
-                        outer: OuterObjective, order: MetaGrad) -> Callable[..., Any]:
-        """``fn``, compiled once per configuration when ``compile=True``."""
+                        outer: OuterObjective, order: MetaGrad, kind: str = "per task"
+                        ) -> Callable[..., Any]:
+        """``fn``, compiled once per configuration when ``compile=True``.
+
+        On CUDA with ``mode="reduce-overhead"``: CUDA graphs replay the whole step's
+        kernels with one launch, where launching them one by one costs more than the
+        arithmetic of a small model.
+        """
         if not self.compile:
             return fn
         settings = repr(sorted(loop.optimizer.settings.items()))
         key = (id(module), loop.adapted, loop.steps, loop.optimizer.name, settings,
                loop.objective, loop.rates, loop.step_params, loop.batch_indices is None,
-               outer, order)
+               outer, order, kind)
         compiled = self._compiled.get(key)
+        cuda = any(p.is_cuda for p in module.parameters())
         if compiled is None:
-            compiled = self._compiled[key] = torch.compile(fn)
-        return partial(self._call_compiled, compiled, fn)
+            compiled = self._compiled[key] = torch.compile(
+                fn, mode="reduce-overhead" if cuda else None)
+        return partial(self._call_compiled, compiled, fn, cuda)
 
     def _call_compiled(
-        self, compiled: Callable[..., Any], eager: Callable[..., Any], *args: Any
+        self, compiled: Callable[..., Any], eager: Callable[..., Any], cuda: bool, *args: Any
     ) -> Any:
         try:
+            if cuda:  # a new step: the CUDA graphs may reuse the last step's output memory
+                torch.compiler.cudagraph_mark_step_begin()
             return compiled(*args)
         except torch.OutOfMemoryError:
             raise
