@@ -202,6 +202,7 @@ class VmapEngine(Engine):
         self.compile = compile
         self.chunk_size = chunk_size
         self._compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
+        self._settings: dict[int, tuple[Any, str]] = {}
 
     def splits(self, task: TaskBatch) -> bool:
         """Whether ``task`` runs in more than one chunk (otherwise as one ``vmap``)."""
@@ -277,12 +278,15 @@ class VmapEngine(Engine):
         """
         if not self.compile:
             return fn
-        settings = repr(sorted(loop.optimizer.settings.items()))
-        key = (id(module), loop.adapted, loop.steps, loop.optimizer.name, settings,
+        known = self._settings.get(id(loop.optimizer))
+        if known is None or known[0] is not loop.optimizer:  # one repr per inner optimiser
+            known = self._settings[id(loop.optimizer)] = (
+                loop.optimizer, repr(sorted(loop.optimizer.settings.items())))
+        key = (id(module), loop.adapted, loop.steps, loop.optimizer.name, known[1],
                loop.objective, loop.rates, loop.step_params, loop.batch_indices is None,
                outer, order, kind)
         compiled = self._compiled.get(key)
-        cuda = any(p.is_cuda for p in module.parameters())
+        cuda = structure(module).named_parameters()[0][1].is_cuda
         if compiled is None:
             compiled = self._compiled[key] = torch.compile(
                 fn, mode="reduce-overhead" if cuda else None)
