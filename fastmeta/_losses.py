@@ -66,6 +66,8 @@ def shape_problem(name: str, prediction: tuple[int, ...], prediction_dtype: torc
     """What is wrong between a prediction and its targets for the loss ``name``, or None
     (computed once per combination: every meta-step asks again)."""
     key = (name, tuple(prediction), prediction_dtype, tuple(target), target_dtype)
+    if torch.compiler.is_compiling():  # no guard on a cache that other calls fill
+        return _shape_problem(*key)
     if key not in _PROBLEMS:
         if len(_PROBLEMS) > 4096:
             _PROBLEMS.clear()

@@ -169,7 +169,13 @@ def unscale_and_check(tensors: Sequence[Tensor], inverse: Tensor | None = None) 
             found[device] = torch.zeros(1, device=device)
         scale = (torch.ones(1, device=device) if inverse is None
                  else inverse.reshape(1).to(device=device, dtype=torch.float32))
-        torch._amp_foreach_non_finite_check_and_unscale_(group, found[device], scale)
+        try:
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found[device], scale)
+        except (RuntimeError, NotImplementedError):  # a backend without the fused kernel
+            for t in group:
+                found[device] += (~torch.isfinite(t)).any()
+                if inverse is not None:
+                    t.mul_(scale.to(t.dtype))
     if any(bool(flag) for flag in found.values()):
         return False
     return all(bool(torch.isfinite(t).all()) for t in others)

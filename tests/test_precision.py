@@ -150,3 +150,22 @@ def test_every_learner_takes_precision(name):
 def test_check_precision_accepts_names_aliases_and_dtypes():
     assert [check_precision(v) for v in ("FP32", "bfloat16", torch.float16, "half")] == [
         "fp32", "bf16", "fp16", "fp16"]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_finiteness_check_is_exact_per_entry_with_or_without_the_fused_kernel(
+        fused, monkeypatch):
+    from fastmeta._precision import unscale_and_check
+
+    if not fused:  # a backend without GradScaler's kernel
+        def missing(*args: object) -> None:
+            raise NotImplementedError("no kernel here")
+
+        monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", missing)
+    huge = [torch.full((3,), 3e38), torch.full((2,), 3e38)]  # finite; their sum is not
+    assert unscale_and_check(huge)
+    assert not unscale_and_check([torch.ones(2), torch.tensor([1.0, float("nan")])])
+    assert not unscale_and_check([torch.tensor([float("-inf")], dtype=torch.float64)])
+    halves = [torch.full((2,), 4.0), torch.full((1,), 8.0, dtype=torch.float64)]
+    assert unscale_and_check(halves, torch.tensor(0.5))
+    assert halves[0].tolist() == [2.0, 2.0] and halves[1].tolist() == [4.0]
