@@ -34,8 +34,9 @@ class ANIL(MetaLearner):
             ``model.named_modules()`` (e.g. ``"head"`` for ``fastmeta.models``,
             ``"classifier"``, ``"net.4"``). Required unless ``adapt`` is given.
         inner_lr, inner_steps, first_order, loss_fn: as for :class:`fastmeta.MAML`.
-        inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine, precision: as for
+        inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine: as for
             :class:`fastmeta.MAML`.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``, as for :class:`fastmeta.MAML`.
         adapt: instead of ``head``, any selection :class:`fastmeta.MAML` takes.
 
     Example:

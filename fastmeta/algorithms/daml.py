@@ -52,9 +52,9 @@ class DAML(MetaLearner):
         features: names of submodules whose outputs ``adaptation_loss`` receives after
             the model's output, in this order.
         loss_fn: outer loss on the query pairs (default mean squared error; e.g. ``"l1"``).
-        inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine,
-        precision, adapt: as for
+        inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine, adapt: as for
             :class:`fastmeta.MAML`. Both engines run DAML.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``, as for :class:`fastmeta.MAML`.
         first_order: must stay ``False``.
 
     Raises:

@@ -67,9 +67,9 @@ class IMAML(MetaLearner):
         lam: strength of the proximal term (the paper's λ); larger keeps φ closer to θ.
         cg_steps: conjugate-gradient iterations per task.
         cg_tolerance: stop CG once the residual is below this fraction of the right side.
-        loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, verify_engine,
-        precision, adapt: as for
+        loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, verify_engine, adapt: as for
             :class:`fastmeta.MAML`.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``, as for :class:`fastmeta.MAML`.
 
     Example:
         >>> learner = fastmeta.IMAML(model, inner_lr=0.05, inner_steps=16, lam=2.0,

@@ -37,9 +37,9 @@ class JointTraining(MetaLearner):
         model: the network to train.
         inner_lr: learning rate of fine-tuning in ``adapt``.
         inner_steps: default fine-tuning steps in ``adapt``.
-        loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, verify_engine,
-        precision, adapt: as for
+        loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, verify_engine, adapt: as for
             :class:`fastmeta.MAML` (the engine runs ``adapt``).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``, as for :class:`fastmeta.MAML`.
         first_order: not accepted (there is no inner loop to differentiate through).
 
     Example:

@@ -64,9 +64,9 @@ class MAMLPlusPlus(MetaLearner):
             ``s`` updates; they are meta-learned, not adapted.
         first_order_iterations: first-order meta-gradients for this many meta-steps, then
             second order (derivative-order annealing, DA); 0 switches it off.
-        loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine,
-        precision, adapt:
+        loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine, adapt:
             as for :class:`fastmeta.MAML`.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``, as for :class:`fastmeta.MAML`.
 
     Example:
         >>> learner = fastmeta.MAMLPlusPlus(fastmeta.models.Conv4(num_classes=5),

@@ -33,7 +33,8 @@ class MetaSGD(MetaLearner):
         inner_steps, first_order, loss_fn: as for :class:`fastmeta.MAML`.
         inner_optimizer, inner_optimizer_kwargs: as for :class:`fastmeta.MAML`; with
             another inner optimiser than SGD, the learned rates scale that optimiser's step.
-        engine, compile, verify_engine, precision, adapt: as for :class:`fastmeta.MAML`.
+        engine, compile, verify_engine, adapt: as for :class:`fastmeta.MAML`.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``, as for :class:`fastmeta.MAML`.
 
     Example:
         >>> learner = fastmeta.MetaSGD(model, inner_lr=0.01)

@@ -37,8 +37,9 @@ class Reptile(MetaLearner):
         inner_batch_size: support examples per inner step; ``None`` uses the whole support
             set at every step. With minibatches, each task's support set is reshuffled after
             every pass (as in the Reptile paper's sine experiment).
-        loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine,
-        precision, adapt: as for :class:`fastmeta.MAML`.
+        loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine, adapt: as
+            for :class:`fastmeta.MAML`.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``, as for :class:`fastmeta.MAML`.
         first_order: not accepted (Reptile never differentiates through the inner loop).
 
     Example:

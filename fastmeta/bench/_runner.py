@@ -207,8 +207,8 @@ def run_benchmark(
         device: where the learners train and are evaluated (a ``torch.device`` or a
             ``--device`` name such as ``"auto"``); ``None``: this process's device in a
             ``torchrun`` job (``cuda:LOCAL_RANK`` under NCCL), else the CPU.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (the learners' ``precision``).
-        Both are recorded in ``results.json``.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (the learners' ``precision``);
+            both are recorded in ``results.json``.
 
     Under ``torchrun`` every process trains on its share of each meta-batch (see
     :mod:`fastmeta.distributed`); only rank 0 checks and writes the output directory,
