@@ -38,7 +38,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._structure import structure
 
@@ -260,6 +259,29 @@ def _layers(module: nn.Module, *, vectorised: bool, second_order: bool
     return routes, norms
 
 
+# (getter, setter, whether it is the math kernel) of each attention backend torch has.
+_ATTENTION_BACKENDS = [
+    (getattr(torch._C, f"_get_{name}_sdp_enabled"), getattr(torch._C, f"_set_sdp_use_{name}"),
+     name == "math")
+    for name in ("cudnn", "flash", "mem_efficient", "math", "overrideable")
+    if hasattr(torch._C, f"_get_{name}_sdp_enabled") and hasattr(torch._C, f"_set_sdp_use_{name}")
+]
+
+
+class _MathAttention:
+    """``sdpa_kernel(SDPBackend.MATH)`` (the attention kernel with a second derivative on
+    every device) without its per-call argument handling: it runs on every meta-step."""
+
+    def __enter__(self) -> None:
+        self._saved = [get() for get, _, _ in _ATTENTION_BACKENDS]
+        for _, set_enabled, math in _ATTENTION_BACKENDS:
+            set_enabled(math)
+
+    def __exit__(self, *exc: object) -> None:
+        for (_, set_enabled, _), was in zip(_ATTENTION_BACKENDS, self._saved):
+            set_enabled(was)
+
+
 def exact_layers(module: nn.Module, *, vectorised: bool, second_order: bool
                  ) -> contextlib.AbstractContextManager[None]:
     """Run the block with the exact forms of the layers ``module`` holds.
@@ -277,7 +299,7 @@ def exact_layers(module: nn.Module, *, vectorised: bool, second_order: bool
     if vectorised:  # in-place statistics updates (and their counter) cannot run under vmap
         switched = [m for m in norms if m.training and m.track_running_stats]
     if not routes and not switched:  # the common case, without a generator per call
-        return sdpa_kernel(SDPBackend.MATH) if second_order else contextlib.nullcontext()
+        return _MathAttention() if second_order else contextlib.nullcontext()
     return _exact_layers(routes, switched, second_order)
 
 
@@ -292,7 +314,7 @@ def _exact_layers(routes: dict[Callable[..., Any], Callable[..., Tensor]],
             if routes:
                 stack.enter_context(_ExactFunctions(routes))
             if second_order:
-                stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+                stack.enter_context(_MathAttention())
             yield
     finally:
         for m in switched:
