@@ -60,11 +60,14 @@ def check_precision(precision: object) -> str:
     )
 
 
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """The autocast context of ``precision`` on ``device`` (nothing for ``"fp32"``)."""
+def autocast(precision: str, device: torch.device | Callable[[], torch.device]
+             ) -> contextlib.AbstractContextManager[Any]:
+    """The autocast context of ``precision`` on ``device`` (nothing for ``"fp32"``);
+    ``device`` may be a function giving it, asked only when needed."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[precision])
+    where = device if isinstance(device, torch.device) else device()
+    return torch.autocast(where.type, dtype=DTYPES[precision])
 
 
 @dataclass(frozen=True)

@@ -201,7 +201,8 @@ class VmapEngine(Engine):
     def __init__(self, *, compile: bool = False, chunk_size: int | None = None) -> None:
         self.compile = compile
         self.chunk_size = chunk_size
-        self._compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
+        # configuration -> (the compiled function, whether it runs on CUDA graphs)
+        self._compiled: dict[tuple[Any, ...], tuple[Callable[..., Any], bool]] = {}
         self._settings: dict[int, tuple[Any, str]] = {}
 
     def splits(self, task: TaskBatch) -> bool:
@@ -285,12 +286,12 @@ class VmapEngine(Engine):
         key = (id(module), loop.adapted, loop.steps, loop.optimizer.name, known[1],
                loop.objective, loop.rates, loop.step_params, loop.batch_indices is None,
                outer, order, kind)
-        compiled = self._compiled.get(key)
-        cuda = structure(module).named_parameters()[0][1].is_cuda
-        if compiled is None:
-            compiled = self._compiled[key] = torch.compile(
-                fn, mode="reduce-overhead" if cuda else None)
-        return partial(self._call_compiled, compiled, fn, cuda)
+        found = self._compiled.get(key)
+        if found is None:
+            cuda = structure(module).named_parameters()[0][1].is_cuda
+            found = self._compiled[key] = (
+                torch.compile(fn, mode="reduce-overhead" if cuda else None), cuda)
+        return partial(self._call_compiled, found[0], fn, found[1])
 
     def _call_compiled(
         self, compiled: Callable[..., Any], eager: Callable[..., Any], cuda: bool, *args: Any
