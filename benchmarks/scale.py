@@ -507,7 +507,7 @@ def print_overhead(results: list[dict[str, Any]]) -> None:
                            ("compiled_vs_hand", "compile=True vs the compiled hand-written "
                                                 "meta-loss")):
             verdict = "PASS" if result[key] >= 1.0 else "MISS"
-            print(f"- {verdict}: {result['steps']} step(s): {label}: {result[key]:.2f}× "
+            print(f"- {verdict}: {result['steps']} step(s): {label}: {result[key]:.3f}× "
                   f"(target >= 1.0×)")
         worst = max(result["grad_error"].values())
         print(f"- {result['steps']} step(s): every row's meta-gradient within "

@@ -45,6 +45,7 @@ class Tuner:
     def __init__(self, candidates: Sequence[tuple[str, Engine]], *, rounds: int = 2,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self.candidates = list(candidates)
+        self._engines = dict(self.candidates)  # by label, built once: run() is per step
         self.rounds = rounds
         self.clock = clock
         self._calls: dict[Key, int] = {}
@@ -68,7 +69,7 @@ class Tuner:
             twin: for a label, the label of an earlier candidate that runs the same
                 computation on this batch, or ``None``.
         """
-        engines = dict(self.candidates)
+        engines = self._engines
         if key in self.chosen:
             label = self.chosen[key]
             return label, call(engines[label])
