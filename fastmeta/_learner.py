@@ -555,9 +555,6 @@ class MetaLearner(nn.Module):
         """Device of the model's parameters (where batches are moved)."""
         return self._reference().device
 
-    def _device(self) -> torch.device:
-        return self._reference().device
-
     def _reference(self) -> Tensor:
         return structure(self.module).named_parameters()[0][1]
 
@@ -696,7 +693,7 @@ class MetaLearner(nn.Module):
         """
         task = self.prepare(batch)
         self._check_engine("meta_gradient", lambda: task)
-        with autocast(self._precision, self._device):
+        with autocast(self._precision, lambda: self.device):
             losses = self._engine.meta_loss(
                 self.module, task, self.inner_loop(task, self.inner_steps),
                 self.outer_objective(), order=self.meta_gradient_order())
@@ -749,7 +746,7 @@ class MetaLearner(nn.Module):
                 optimizer.zero_grad(set_to_none=True)
             for _, p in structure(self).named_parameters():  # as zero_grad(set_to_none=True)
                 p.grad = None
-            with autocast(self._precision, self._device), scaling(self._loss_scaler):
+            with autocast(self._precision, lambda: self.device), scaling(self._loss_scaler):
                 return self.meta_gradient(task)
 
         output = local() if sync is None else sync(self, local)
@@ -856,7 +853,7 @@ class MetaLearner(nn.Module):
         return AdaptedTasks(self.module, output.params, output.buffers, output.support_losses)
 
     def _adapt(self, task: TaskBatch, steps: int) -> Adaptation:
-        with torch.enable_grad(), autocast(self._precision, self._device):
+        with torch.enable_grad(), autocast(self._precision, lambda: self.device):
             output = self._engine.adapt(self.module, task, self.inner_loop(task, steps))
         if not torch.isfinite(output.support_losses).all():
             warnings.warn(
