@@ -36,6 +36,7 @@ class ANIL(MetaLearner):
         inner_lr, inner_steps, first_order, loss_fn: as for :class:`fastmeta.MAML`.
         inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine: as for
             :class:`fastmeta.MAML`.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``, as for :class:`fastmeta.MAML`.
         adapt: instead of ``head``, any selection :class:`fastmeta.MAML` takes.
 
     Example:
@@ -59,6 +60,7 @@ class ANIL(MetaLearner):
         engine: str | Engine = "auto",
         compile: bool = False,
         verify_engine: bool = True,
+        precision: str | torch.dtype = "fp32",
         adapt: Selection | None = None,
         first_order: bool = False,
     ) -> None:
@@ -83,7 +85,7 @@ class ANIL(MetaLearner):
             model, first_order=first_order, inner_lr=inner_lr, inner_steps=inner_steps,
             loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
-            engine=engine, compile=compile, verify_engine=verify_engine,
+            engine=engine, compile=compile, verify_engine=verify_engine, precision=precision,
             adapt=modules.get(head, head) if isinstance(head, str) else adapt,
         )
         self.head = head

@@ -54,6 +54,7 @@ class DAML(MetaLearner):
         loss_fn: outer loss on the query pairs (default mean squared error; e.g. ``"l1"``).
         inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine, adapt: as for
             :class:`fastmeta.MAML`. Both engines run DAML.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``, as for :class:`fastmeta.MAML`.
         first_order: must stay ``False``.
 
     Raises:
@@ -88,6 +89,7 @@ class DAML(MetaLearner):
         engine: str | Engine = "auto",
         compile: bool = False,
         verify_engine: bool = True,
+        precision: str | torch.dtype = "fp32",
         adapt: Selection | None = None,
         first_order: bool = False,
     ) -> None:
@@ -102,6 +104,7 @@ class DAML(MetaLearner):
             model, inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
             engine=engine, compile=compile, verify_engine=verify_engine, adapt=adapt,
+            precision=precision,
         )
         if not callable(adaptation_loss):
             raise TypeError(

@@ -39,6 +39,7 @@ class JointTraining(MetaLearner):
         inner_steps: default fine-tuning steps in ``adapt``.
         loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, verify_engine, adapt: as for
             :class:`fastmeta.MAML` (the engine runs ``adapt``).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``, as for :class:`fastmeta.MAML`.
         first_order: not accepted (there is no inner loop to differentiate through).
 
     Example:
@@ -58,6 +59,7 @@ class JointTraining(MetaLearner):
         inner_optimizer_kwargs: Mapping[str, Any] | None = None,
         engine: str | Engine = "auto",
         verify_engine: bool = True,
+        precision: str | torch.dtype = "fp32",
         adapt: Selection | None = None,
         first_order: bool | None = None,
     ) -> None:
@@ -70,6 +72,7 @@ class JointTraining(MetaLearner):
             model, inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
             engine=engine, verify_engine=verify_engine, adapt=adapt,
+            precision=precision,
         )
 
     def _pooled_losses(self, task: TaskBatch) -> Tensor:

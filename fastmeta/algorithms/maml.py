@@ -40,6 +40,8 @@ class MAML(MetaLearner):
         compile: ``torch.compile`` the vectorised meta-step (``"vmap"`` engine only;
             falls back to uncompiled with one warning if compiling fails).
         verify_engine: let ``engine="auto"`` check the vectorised engine once.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: autocast through both loops,
+            float32 weights (:attr:`fastmeta.MetaLearner.precision`).
         adapt: the parameters the inner loop adapts (default: every trainable one): names,
             glob patterns (``"*.bias"``), submodules, parameters or a predicate
             ``(name, parameter) -> bool``, or a list of these; the rest is meta-learned.
@@ -77,6 +79,7 @@ class FOMAML(MAML):
         engine: str | Engine = "auto",
         compile: bool = False,
         verify_engine: bool = True,
+        precision: str | torch.dtype = "fp32",
         adapt: Selection | None = None,
         first_order: bool = True,
     ) -> None:
@@ -90,4 +93,5 @@ class FOMAML(MAML):
             loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
             engine=engine, compile=compile, verify_engine=verify_engine, adapt=adapt,
+            precision=precision,
         )

@@ -39,6 +39,7 @@ class Reptile(MetaLearner):
             every pass (as in the Reptile paper's sine experiment).
         loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine, adapt: as
             for :class:`fastmeta.MAML`.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``, as for :class:`fastmeta.MAML`.
         first_order: not accepted (Reptile never differentiates through the inner loop).
 
     Example:
@@ -62,6 +63,7 @@ class Reptile(MetaLearner):
         engine: str | Engine = "auto",
         compile: bool = False,
         verify_engine: bool = True,
+        precision: str | torch.dtype = "fp32",
         adapt: Selection | None = None,
         first_order: bool | None = None,
     ) -> None:
@@ -74,6 +76,7 @@ class Reptile(MetaLearner):
             model, inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
             engine=engine, compile=compile, verify_engine=verify_engine, adapt=adapt,
+            precision=precision,
         )
         self.first_order = True
         self.inner_batch_size = None

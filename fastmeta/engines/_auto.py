@@ -372,7 +372,7 @@ class AutoEngine(Engine):
 
     def meta_gradient(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
                       outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
-        if self._settled and self._current is self._vmap:
+        if self._settled and self._current is self._vmap and self._tuner is None:
             self._start_tuning([("vmap", self._vmap), ("loop", LoopEngine()),
                                 ("vmap, chunks of 4", VmapEngine(chunk_size=4))])
         tuner = self._tuner

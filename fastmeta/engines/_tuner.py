@@ -49,6 +49,7 @@ class Tuner:
     def __init__(self, candidates: Sequence[tuple[str, Engine]], *, rounds: int = 2,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self.candidates = list(candidates)
+        self._engines = dict(self.candidates)  # by label, built once: run() is per step
         self.rounds = rounds
         self.clock = clock
         self._calls: dict[Key, int] = {}
@@ -76,7 +77,7 @@ class Tuner:
             undo: clears what a failed ``call`` may have left (a partial ``.grad``)
                 before the next candidate runs.
         """
-        engines = dict(self.candidates)
+        engines = self._engines
         if key in self.chosen:
             label = self.chosen[key]
             return label, call(engines[label])
