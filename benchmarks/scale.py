@@ -4,6 +4,7 @@ Usage:
     python benchmarks/scale.py                 # every configuration, 3 rounds, memory
     python benchmarks/scale.py --quick         # smaller meta-batches
     python benchmarks/scale.py --only omniglot --device cuda
+    python benchmarks/scale.py --overhead      # fixed costs on the sine MLP, eager and compiled
 
 Configurations (second-order MAML unless said; float32; one thread on CPU):
 
@@ -161,7 +162,7 @@ def reference_step(model: nn.Module, task: fastmeta.TaskBatch, config: Config,
                    second_order: bool) -> None:
     """MAML written out: per task, inner steps by autograd, then backward."""
     loss = _loss(config)
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # LoRA: adapters
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     with _math_attention():
         for t in range(task.num_tasks):
@@ -395,6 +396,135 @@ def peak_memory(name: str, impl: str, tasks: int, args: argparse.Namespace,
     return dict(json.loads(done.stdout.splitlines()[-1]))
 
 
+# --overhead: fastmeta's fixed costs against hand-written torch.func code on the sine MLP,
+# where a meta-step is mostly fixed cost (the arithmetic is about 17 MFLOP).
+OVERHEAD_ROWS = ("hand-vmap", "default", "hand-vmap compiled", "compile=True")
+
+
+def overhead_rows(steps: int, device: str) -> dict[str, Callable[[fastmeta.TaskBatch], None]]:
+    """The four rows of ``--overhead`` at ``steps`` inner steps: each a whole meta-iteration
+    with an outer Adam step (learning rate 0, so every round sees the same model).
+
+    ``hand-vmap``: :func:`hand_vmap_step`; ``default``: ``fastmeta.MAML`` as constructed by
+    default; ``hand-vmap compiled``: the same hand-written meta-loss (``grad`` in ``vmap``,
+    then the mean) under ``torch.compile``, the backward and Adam outside; ``compile=True``:
+    ``fastmeta.MAML(compile=True)``.
+    """
+    config = CONFIGS["sine"]
+    config = Config(config.model, config.batch, 25, 25, config.inner_lr, steps, "mse")
+    loss = _loss(config)
+    rows: dict[str, Callable[[fastmeta.TaskBatch], None]] = {}
+
+    def hand(compiled: bool) -> Callable[[fastmeta.TaskBatch], None]:
+        torch.manual_seed(0)
+        model = config.model().to(device)
+        params = dict(model.named_parameters())
+
+        def one(sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor
+                ) -> torch.Tensor:
+            fast = params
+            for _ in range(steps):
+                grads = torch.func.grad(
+                    lambda f: loss(functional_call(model, f, (sx,)), sy))(fast)
+                fast = {n: p - config.inner_lr * grads[n] for n, p in fast.items()}
+            return loss(functional_call(model, fast, (qx,)), qy)
+
+        def meta_loss(*task: torch.Tensor) -> torch.Tensor:
+            return torch.func.vmap(one)(*task).mean()
+
+        run = torch.compile(meta_loss) if compiled else meta_loss
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.0)
+
+        def step(task: fastmeta.TaskBatch) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            run(*task).backward()
+            optimizer.step()
+
+        step.grads = lambda: [p.grad for p in model.parameters()]  # type: ignore[attr-defined]
+        return step
+
+    def ours(compiled: bool) -> Callable[[fastmeta.TaskBatch], None]:
+        torch.manual_seed(0)
+        learner = fastmeta.MAML(config.model().to(device), inner_lr=config.inner_lr,
+                                inner_steps=steps, loss_fn="mse", compile=compiled)
+        optimizer = torch.optim.Adam(learner.parameters(), lr=0.0)
+
+        def step(task: fastmeta.TaskBatch) -> None:
+            learner.meta_step(task, optimizer)
+
+        step.learner = learner  # type: ignore[attr-defined]
+        step.grads = lambda: [p.grad for p in learner.module.parameters()]  # type: ignore
+        return step
+
+    rows["hand-vmap"], rows["default"] = hand(False), ours(False)
+    rows["hand-vmap compiled"], rows["compile=True"] = hand(True), ours(True)
+    return rows
+
+
+def overhead(steps: int, rounds: int, device: str) -> dict[str, Any]:
+    """Times the :func:`overhead_rows` side by side: each round runs every row once, in
+    an order drawn afresh; ratios are medians over rounds of the per-round ratio."""
+    task = fastmeta.TaskBatch(*(t.to(device) for t in CONFIGS["sine"].batch(25)))
+    rows = overhead_rows(steps, device)
+    for name, step in rows.items():
+        started = time.perf_counter()
+        warm_up(step, task)
+        for _ in range(3):  # compiled rows: the first calls after compiling are slower
+            step(task)
+        progress(f"overhead, {steps} step(s): {name} warmed up in "
+                 f"{time.perf_counter() - started:.1f} s")
+    reference = [g.detach().clone() for g in rows["hand-vmap"].grads()]  # type: ignore
+    errors = {}
+    for name, step in rows.items():
+        grads = step.grads()  # type: ignore[attr-defined]
+        errors[name] = max(float((g - r).abs().max() / r.abs().max().clamp_min(1e-12))
+                           for g, r in zip(grads, reference))
+    samples: dict[str, list[float]] = {name: [] for name in rows}
+    for r in range(rounds):
+        for name in shuffled(list(rows), r):
+            _sync(device)
+            start = time.perf_counter()
+            rows[name](task)
+            _sync(device)
+            samples[name].append(time.perf_counter() - start)
+    def ratio(faster: str, than: str) -> float:
+        return statistics.median(a / b for a, b in zip(samples[than], samples[faster]))
+
+    return {
+        "steps": steps, "rounds": rounds, "grad_error": errors,
+        "median_ms": {n: 1e3 * statistics.median(v) for n, v in samples.items()},
+        "p20_ms": {n: 1e3 * sorted(v)[len(v) // 5] for n, v in samples.items()},
+        "default_vs_hand": ratio("default", "hand-vmap"),
+        "compiled_vs_hand": ratio("compile=True", "hand-vmap compiled"),
+        "samples": samples,
+    }
+
+
+def print_overhead(results: list[dict[str, Any]]) -> None:
+    print("sine MLP, 25 tasks, second-order MAML, outer Adam; ms per meta-step: median "
+          "(20th percentile); ratio: median over rounds of hand-written time / fastmeta's "
+          "(>= 1: fastmeta at least as fast)\n")
+    print("| inner steps | " + " | ".join(OVERHEAD_ROWS) + " | default vs hand-vmap "
+          "| compile=True vs hand-vmap compiled |")
+    print("|---" * (len(OVERHEAD_ROWS) + 3) + "|")
+    for result in results:
+        cells = [f"{result['median_ms'][n]:.2f} ({result['p20_ms'][n]:.2f})"
+                 for n in OVERHEAD_ROWS]
+        print(f"| {result['steps']} | {' | '.join(cells)} | {result['default_vs_hand']:.2f}× "
+              f"| {result['compiled_vs_hand']:.2f}× |")
+    print()
+    for result in results:
+        for key, label in (("default_vs_hand", "eager default vs the hand-written vmap loop"),
+                           ("compiled_vs_hand", "compile=True vs the compiled hand-written "
+                                                "meta-loss")):
+            verdict = "PASS" if result[key] >= 1.0 else "MISS"
+            print(f"- {verdict}: {result['steps']} step(s): {label}: {result[key]:.3f}× "
+                  f"(target >= 1.0×)")
+        worst = max(result["grad_error"].values())
+        print(f"- {result['steps']} step(s): every row's meta-gradient within "
+              f"{worst:.1e} (relative, float32) of the hand-written loop's")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -415,8 +545,21 @@ def main() -> None:
                              "timing (default: 2 on a CPU with 2 cores or more, 1 on CUDA)")
     parser.add_argument("--json", help="write every number to this file")
     parser.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--overhead", action="store_true",
+                        help="only the fixed-cost check on the sine MLP at 1 and 5 inner "
+                             "steps: the default and compile=True against hand-written "
+                             "torch.func code, eager and compiled (compiling takes minutes)")
+    parser.add_argument("--overhead-rounds", type=int, default=300,
+                        help="rounds of --overhead (default 300)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.overhead:
+        found = [overhead(steps, args.overhead_rounds, args.device) for steps in (1, 5)]
+        print_overhead(found)
+        if args.json:
+            with open(args.json, "w") as out:
+                json.dump(found, out, indent=1)
+        return
     if args.memory_child:
         name, impl, tasks, order, quick = args.memory_child
         print(json.dumps(memory_child(name, impl, int(tasks), args.device, order == "2",

@@ -302,6 +302,9 @@ class SGD(UpdateRule):
 
     def update(self, params: Params, grads: Params, state: SGDState, rates: Rates
                ) -> tuple[Params, SGDState]:
+        if self.momentum == 0 and self.weight_decay == 0:  # plain SGD: θ − lr·g, no state
+            return {name: _scaled_step(param, rates[name], grads[name])
+                    for name, param in params.items()}, state
         new, buffers = {}, {}
         for name, param in params.items():
             previous = state.momentum.get(name)

@@ -20,9 +20,10 @@ from ._example_shape import ExampleShapes, check_batch, check_single_task, suppo
 from ._inner_optim import InnerOptimizer, resolve_inner_optimizer
 from ._losses import Loss, label_problem, resolve_named, shape_problem
 from ._objectives import Proximal, SupervisedLoss
+from ._precision import LossScaler, autocast, check_precision, scaling, unscale_and_check
 from ._selection import Selection, select
 from ._structure import structure
-from ._task import TaskBatch, as_task, single_task, to_model
+from ._task import TaskBatch, as_task, shapes_of, single_task, to_model
 from ._tree import (
     Tree,
     call,
@@ -111,11 +112,15 @@ class MetaStepResult:
         task_losses: ``[tasks]`` query loss of each task after adaptation.
         support_losses: ``[tasks, inner_steps]`` inner objective (the support loss) before
             each inner step.
+        skipped: with ``precision="fp16"``: the meta-gradient or a loss was not finite
+            (a float16 overflow), so the meta-parameters were not updated and the loss
+            scale was halved (see :attr:`MetaLearner.precision`).
     """
 
     loss: float
     task_losses: Tensor
     support_losses: Tensor
+    skipped: bool = False
 
     @property
     def inner_losses(self) -> Tensor:
@@ -212,6 +217,10 @@ class MetaLearner(ExampleShapes):
             (default: 80% of what the device can still give), bytes, or a size such as
             ``"6GiB"``. ``engine="auto"`` never runs a candidate predicted over it (see
             :attr:`engine_decision`); the other engines ignore it.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the forward passes of
+            both loops under ``torch.autocast`` on the model's device, the weights and
+            gradients in float32; ``"fp16"`` also scales the outer loss and skips a
+            meta-step whose meta-gradient overflows (:attr:`precision`).
     """
 
     def __init__(
@@ -229,6 +238,7 @@ class MetaLearner(ExampleShapes):
         verify_engine: bool = True,
         memory_budget: int | str = "auto",
         adapt: Selection | None = None,
+        precision: str | torch.dtype = "fp32",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -248,6 +258,8 @@ class MetaLearner(ExampleShapes):
         self._example_shapes = None  # one support example's shape per input leaf, once seen
         # Input signature -> (prediction shape after the examples dim, prediction dtype).
         self._output_specs: dict[Any, tuple[tuple[int, ...], torch.dtype] | None] = {}
+        # What the last batch that passed prepare()'s checks looked like (shapes_of()).
+        self._prepared: Any = None
         self.inner_lr = _check_positive_number("inner_lr", inner_lr)
         self.inner_steps = check_steps("inner_steps", inner_steps, 1)
         self.first_order = bool(first_order)
@@ -265,7 +277,9 @@ class MetaLearner(ExampleShapes):
         self._warned_optimizer = False
         # The optimiser whose parameter groups were last checked (identity and layout).
         self._checked_optimizer: tuple[int, int, tuple[tuple[int, int], ...]] | None = None
+        self._optimizer_outside = True  # whether it holds parameters the learner lacks
         self.meta_gradient_sync: MetaGradientSync | None = None
+        self.precision = precision  # validated (and the fp16 loss scaler made) by the setter
 
     # ------------------------------------------------------------------ hooks for algorithms
 
@@ -273,6 +287,29 @@ class MetaLearner(ExampleShapes):
     def engine(self) -> str:
         """Name of the engine that runs the inner loop."""
         return self._engine.name
+
+    @property
+    def precision(self) -> str:
+        """``"fp32"``, ``"bf16"`` or ``"fp16"``: the autocast precision of both loops.
+
+        The meta-parameters, fast weights and gradients stay float32 (autocast casts
+        weights inside the ops that run in the lower precision). ``"fp16"`` scales the
+        outer loss dynamically, as ``torch.amp.GradScaler`` does, and a meta-step whose
+        meta-gradient or losses overflow is skipped (:attr:`MetaStepResult.skipped`;
+        :attr:`skipped_steps` counts them); after ``fastmeta._precision.MAX_SKIPPED_IN_A_ROW``
+        skipped steps in a row, :class:`DivergenceError` is raised. Settable.
+        """
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str | torch.dtype) -> None:
+        self._precision = check_precision(value)
+        self._loss_scaler = LossScaler() if self._precision == "fp16" else None
+
+    @property
+    def skipped_steps(self) -> int:
+        """Meta-steps skipped on a float16 overflow (``precision="fp16"``)."""
+        return 0 if self._loss_scaler is None else self._loss_scaler.skipped
 
     @property
     def engine_decision(self) -> EngineDecision:
@@ -405,9 +442,12 @@ class MetaLearner(ExampleShapes):
         Reptile, iMAML and the baselines override it. ``meta_step`` calls it (through
         :attr:`meta_gradient_sync` under data-parallel training).
         """
+        outer = self.outer_objective()
+        if self._loss_scaler is not None and self._loss_scaler.active:
+            outer = self._loss_scaler.wrap(outer, self.device)
         return self._engine.meta_gradient(
             self.module, task, self.inner_loop(task, self.inner_steps),
-            self.outer_objective(), order=self.meta_gradient_order())
+            outer, order=self.meta_gradient_order())
 
     # ------------------------------------------------------------------ public API
 
@@ -432,10 +472,20 @@ class MetaLearner(ExampleShapes):
         Returns:
             The :class:`fastmeta.TaskBatch` the engines run.
         """
-        task = self._check_support_targets(to_model(as_task(batch), self._reference()))
-        self._check_loss(task)
-        check_batch(task, self._example_shapes)
-        self._example_shapes = support_shapes(task)
+        task = to_model(as_task(batch), self._reference())
+        # A batch of plain tensors like the last one needs no new check but of its labels.
+        key = shapes_of(task)
+        # (The example shape is in the key: setting it, or loading a state, checks again.)
+        key = None if key is None else (key, self.module.training, id(self.loss_fn),
+                                        self._example_shapes)
+        if key is None or key != self._prepared:
+            task = self._check_support_targets(task)
+            self._check_loss(task)
+            check_batch(task, self._example_shapes)
+            self._example_shapes = support_shapes(task)
+            self._prepared = key
+        elif isinstance(self.loss_fn, Loss) and self.loss_fn.name == "cross_entropy":
+            self._check_loss(task)
         return task
 
     def _supervised_inner(self) -> bool:
@@ -498,7 +548,9 @@ class MetaLearner(ExampleShapes):
         task's support inputs, cached per input signature; ``None`` if it is not per example."""
         x = task.support_x
         flat = leaves(x)
-        key = (str(torch.utils._pytree.tree_structure(x)), self.module.training,
+        structure_key = "tensor" if isinstance(x, Tensor) else str(
+            torch.utils._pytree.tree_structure(x))
+        key = (structure_key, self.module.training,
                tuple((tuple(leaf.shape[1:]), leaf.dtype) for leaf in flat))
         if key in self._output_specs:
             return self._output_specs[key]
@@ -549,9 +601,10 @@ class MetaLearner(ExampleShapes):
         """
         task = self.prepare(batch)
         self._check_engine("meta_gradient", lambda: task)
-        losses = self._engine.meta_loss(
-            self.module, task, self.inner_loop(task, self.inner_steps), self.outer_objective(),
-            order=self.meta_gradient_order())
+        with autocast(self._precision, lambda: self.device):
+            losses = self._engine.meta_loss(
+                self.module, task, self.inner_loop(task, self.inner_steps),
+                self.outer_objective(), order=self.meta_gradient_order())
         assert losses.objectives is not None
         return losses.objectives.mean()
 
@@ -598,12 +651,24 @@ class MetaLearner(ExampleShapes):
         def local() -> MetaLosses:
             self._check_optimizer(optimizer)
             task = self.prepare(batch)
-            optimizer.zero_grad(set_to_none=True)
+            if self._optimizer_outside:  # parameters of its own beside the learner's
+                optimizer.zero_grad(set_to_none=True)
             for _, p in structure(self).named_parameters():  # as zero_grad(set_to_none=True)
                 p.grad = None
-            return self.meta_gradient(task)
+            with autocast(self._precision, lambda: self.device), scaling(self._loss_scaler):
+                return self.meta_gradient(task)
 
         output = local() if sync is None else sync(self, local)
+        scaler = self._loss_scaler
+        if scaler is not None:
+            grads = [p.grad for _, p in structure(self).named_parameters() if p.grad is not None]
+            output, skip = scaler.unscale(grads, output)
+            if skip:  # a float16 overflow: leave the weights, as GradScaler does
+                self.zero_grad(set_to_none=True)
+                self.meta_steps_taken += 1
+                return MetaStepResult(float(output.query_losses.mean()),
+                                      output.query_losses.detach().cpu(),
+                                      output.support_losses.cpu(), skipped=True)
         self._check_finite(output)
         optimizer.step()
         self.meta_steps_taken += 1
@@ -687,7 +752,7 @@ class MetaLearner(ExampleShapes):
         return AdaptedTasks(self.module, output.params, output.buffers, output.support_losses)
 
     def _adapt(self, task: TaskBatch, steps: int) -> Adaptation:
-        with torch.enable_grad():
+        with torch.enable_grad(), autocast(self._precision, lambda: self.device):
             output = self._engine.adapt(self.module, task, self.inner_loop(task, steps))
         if not torch.isfinite(output.support_losses).all():
             warnings.warn(
@@ -724,6 +789,7 @@ class MetaLearner(ExampleShapes):
             return
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in held]
+        self._optimizer_outside = bool(held - {id(p) for p in self.parameters()})
         if len(missing) == sum(1 for p in self.parameters() if p.requires_grad):
             raise ValueError(
                 "optimizer holds none of the learner's meta-parameters; build it with "
@@ -751,8 +817,6 @@ class MetaLearner(ExampleShapes):
         bad_grads = [name for name, g in named if not torch.isfinite(g).all()]
         finite_support = torch.isfinite(output.support_losses)
         finite_query = torch.isfinite(output.query_losses)
-        if finite_support.all() and finite_query.all() and not bad_grads:
-            return  # all finite: the fused sum overflowed
         self.zero_grad(set_to_none=True)
         broken = non_finite_parameters(self)
         if broken:
@@ -798,21 +862,6 @@ class MetaLearner(ExampleShapes):
 
 
 def _all_finite(grads: list[Tensor], output: MetaLosses) -> bool:
-    """Whether every gradient and loss is (very likely) finite, with one device sync.
-
-    The largest magnitude of a tensor is finite exactly when all its entries are (NaN and
-    infinities propagate), and ``torch._foreach_norm`` with ``ord=inf`` gives it for all
-    gradients and losses of one dtype and device in one call; the sum of those is finite
-    when they all are.
-    ``False`` may also mean that the sum overflowed: the caller then checks one by one.
-    """
-    device = output.query_losses.device
-    by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-    for t in (*grads, output.support_losses, output.query_losses):
-        if t.numel():
-            by_kind.setdefault((t.dtype, t.device), []).append(t)
-    sums = [torch.stack(torch._foreach_norm(group, math.inf)).sum().to(device)
-            for group in by_kind.values()]
-    if not sums:
-        return True
-    return math.isfinite(float(sums[0] if len(sums) == 1 else torch.stack(sums).sum()))
+    """Whether every gradient and loss is finite: one fused check per device and dtype and
+    one device sync (see :func:`fastmeta._precision.unscale_and_check`)."""
+    return unscale_and_check([*grads, output.support_losses, output.query_losses.detach()])

@@ -18,8 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+
+def _mse(prediction: Tensor, target: Tensor) -> Tensor:
+    """``F.mse_loss``; under ``torch.func`` transforms from its definition, whose
+    derivatives are native ops: torch runs ``mse_loss``'s backward there as a Python
+    decomposition, a fixed cost of every inner step of every task (same values)."""
+    if torch._C._are_functorch_transforms_active():
+        return (prediction - target).square().mean()
+    return F.mse_loss(prediction, target)
+
+
 _FUNCTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "mse": F.mse_loss,
+    "mse": _mse,
     "l1": F.l1_loss,
     "cross_entropy": F.cross_entropy,
 }
@@ -53,8 +63,23 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 def shape_problem(name: str, prediction: tuple[int, ...], prediction_dtype: torch.dtype,
                   target: tuple[int, ...], target_dtype: torch.dtype) -> str | None:
-    """What is wrong between a prediction and its targets for the loss ``name``, or None."""
-    prediction, target = tuple(prediction), tuple(target)
+    """What is wrong between a prediction and its targets for the loss ``name``, or None
+    (computed once per combination: every meta-step asks again)."""
+    key = (name, tuple(prediction), prediction_dtype, tuple(target), target_dtype)
+    if torch.compiler.is_compiling():  # no guard on a cache that other calls fill
+        return _shape_problem(*key)
+    if key not in _PROBLEMS:
+        if len(_PROBLEMS) > 4096:
+            _PROBLEMS.clear()
+        _PROBLEMS[key] = _shape_problem(*key)
+    return _PROBLEMS[key]
+
+
+_PROBLEMS: dict[tuple[Any, ...], str | None] = {}
+
+
+def _shape_problem(name: str, prediction: tuple[int, ...], prediction_dtype: torch.dtype,
+                   target: tuple[int, ...], target_dtype: torch.dtype) -> str | None:
     if name in ("mse", "l1"):
         if not (target_dtype.is_floating_point or target_dtype.is_complex):
             return (
@@ -181,10 +206,24 @@ class Loss:
 
     def __call__(self, output: Any, target: Any) -> Tensor:
         prediction = self.prediction(output)
+        if isinstance(target, Tensor) and not torch.compiler.is_compiling():
+            # shapes and dtypes checked once: every inner step of every meta-step repeats them
+            key = (self.name, prediction.shape, prediction.dtype, target.shape, target.dtype)
+            if key not in _CHECKED:
+                self._check(prediction, target)
+                _CHECKED.add(key)
+        else:
+            self._check(prediction, target)
+        return _FUNCTIONS[self.name](prediction, target)
+
+    def _check(self, prediction: Tensor, target: Any) -> None:
         problem = self.problem(prediction, target)
         if problem is not None:
             raise ValueError(problem)
-        return _FUNCTIONS[self.name](prediction, target)
+
+
+# (loss name, prediction shape and dtype, target shape and dtype) found consistent.
+_CHECKED: set[tuple[Any, ...]] = set()
 
 
 def resolve_named(name: str) -> Loss:

@@ -181,6 +181,30 @@ def validate_task(task: TaskBatch) -> None:
     per-task context, such as the ``edge_index`` ``[tasks, 2, edges]`` of one graph per
     task, is passed to the model whole.
     """
+    # With plain tensors the checks depend on the shapes alone: each shape is checked once.
+    shapes = shapes_of(task)
+    if shapes is not None and shapes in _VALID_SHAPES:
+        return
+    _validate_task(task)
+    if shapes is not None:
+        if len(_VALID_SHAPES) > 4096:
+            _VALID_SHAPES.clear()
+        _VALID_SHAPES.add(shapes)
+
+
+def shapes_of(task: TaskBatch) -> tuple[Any, ...] | None:
+    """Shape, dtype and device of each part of a batch of plain tensors (``None`` for an
+    unlabelled support set); ``None`` if a part is a tree of tensors."""
+    if not all(isinstance(part, Tensor) or part is None for part in task):
+        return None
+    return tuple(None if part is None else (part.shape, part.dtype, part.device)
+                 for part in task)
+
+
+_VALID_SHAPES: set[tuple[Any, ...]] = set()
+
+
+def _validate_task(task: TaskBatch) -> None:
     heads: dict[str, tuple[int, int]] = {}
     for name, value in zip(TaskBatch._fields, task):
         if value is None and name == "support_y":
@@ -241,6 +265,8 @@ def to_model(task: TaskBatch, reference: Tensor) -> TaskBatch:
 
     def move(value: Tensor) -> Tensor:
         dtype = reference.dtype if value.is_floating_point() else value.dtype
+        if value.dtype == dtype and value.device == reference.device:
+            return value  # as .to() would, without its call
         return value.to(device=reference.device, dtype=dtype)
 
     def move_target(value: Tensor) -> Tensor:

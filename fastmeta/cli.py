@@ -138,6 +138,7 @@ def _add_bench(commands: Any, bench: Any) -> None:
     run.add_argument("--threads", type=_positive_int, default=1,
                      help="torch intra-op threads (default: 1, fastest for these small "
                      "models, and leaves the other cores to other work)")
+    _add_device_options(run, precision_default="fp32")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     run.add_argument("--quiet", action="store_true", help="no progress or status lines")
     run.add_argument("--log", type=_log_formats, default=(), metavar="FORMAT,FORMAT",
@@ -154,6 +155,21 @@ class _Parser(argparse.ArgumentParser):
         shown = usage if usage.count("\n") <= 3 else ""
         self.exit(2, f"{shown}{self.prog}: error: {message}\n"
                      f"(`{self.prog} --help` lists every option)\n")
+
+
+def _add_device_options(group: Any, *, precision_default: str | None) -> None:
+    """``--device`` and ``--precision`` (recorded in results.json and eval's report)."""
+    from ._precision import PRECISIONS
+
+    group.add_argument("--device", default="auto",
+                       help="where to compute: auto (default: cuda if available, then mps, "
+                       "then cpu), cpu, cuda, cuda:N or mps; under torchrun each process "
+                       "uses its own GPU, cuda:LOCAL_RANK")
+    shown = precision_default or "the precision the checkpoint was trained in, else fp32"
+    group.add_argument("--precision", choices=PRECISIONS, default=precision_default,
+                       help=f"autocast precision of both loops, weights kept in float32; "
+                       f"fp16 scales the outer loss and skips steps that overflow "
+                       f"(default: {shown})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -193,6 +209,7 @@ def _parser() -> argparse.ArgumentParser:
                           "strings \"nan\", \"inf\", \"-inf\")")
     evaluate.add_argument("--threads", type=_positive_int, default=1,
                           help="torch intra-op threads (default: 1)")
+    _add_device_options(evaluate, precision_default=None)
     evaluate.set_defaults(handler=_eval)
     return parser
 
@@ -210,6 +227,7 @@ def _bench(args: argparse.Namespace) -> int:
         run_benchmark,
         stop_on_signals,
     )
+    from .bench._device import process_group_backend, resolve_device
 
     bench = benchmark(args.benchmark)
     prefix = "setting_"
@@ -217,7 +235,8 @@ def _bench(args: argparse.Namespace) -> int:
                 if k.startswith(prefix) and v is not None}
     config = bench.quick_config(**settings) if args.quick else bench.config(**settings)
 
-    fmd.init_from_env()  # under torchrun: join the job; otherwise nothing
+    device = resolve_device(args.device)  # under torchrun: this process's own GPU
+    fmd.init_from_env(backend=process_group_backend(device))  # torchrun: join the job
     main_process = fmd.is_main_process()
     log: Callable[[str], None] = print if main_process and not args.quiet else (lambda _: None)
     flag = StopFlag()
@@ -226,7 +245,8 @@ def _bench(args: argparse.Namespace) -> int:
         with stop_on_signals(flag):
             results = run_benchmark(bench, config, args.out, resume=args.resume,
                                     progress=not args.quiet, plots=not args.no_plots,
-                                    stop=flag, log=log, log_to=args.log)
+                                    stop=flag, log=log, log_to=args.log, device=device,
+                                    precision=args.precision)
         finished = True
     except Interrupted as error:
         if main_process:
@@ -258,7 +278,8 @@ def _eval(args: argparse.Namespace) -> int:
     try:
         report = evaluate_checkpoint(
             args.checkpoint, shots=args.shots, steps=args.steps, tasks=args.tasks,
-            plot_dir=args.out if args.plot else None,
+            plot_dir=args.out if args.plot else None, device=args.device,
+            precision=args.precision,
         )
     except (FileNotFoundError, CheckpointError, ValueError, ImportError) as error:
         print(f"fastmeta: error: {error}", file=sys.stderr)

@@ -232,3 +232,25 @@ def test_call_leaves_unknown_and_repeated_names_to_functional_call():
     assert model.weight is weight
     with pytest.raises(ValueError, match="weight"):  # one tensor under two names, twice
         call(shared, {"0.weight": torch.zeros(2, 2), "1.weight": torch.ones(2, 2)}, x)
+
+
+def test_the_math_attention_context_selects_math_only_and_restores_every_backend():
+    from fastmeta.engines._exact import _ATTENTION_BACKENDS, _MathAttention
+
+    before = [get() for get, _, _ in _ATTENTION_BACKENDS]
+    with _MathAttention():
+        assert [get() for get, _, _ in _ATTENTION_BACKENDS] == [
+            math for _, _, math in _ATTENTION_BACKENDS]
+    assert [get() for get, _, _ in _ATTENTION_BACKENDS] == before
+
+
+def test_shape_checks_run_again_for_a_batch_of_another_shape():
+    learner = fastmeta.MAML(nn.Sequential(nn.Linear(1, 3), nn.Linear(3, 1)), inner_lr=0.1,
+                            loss_fn="mse")
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.1)
+    learner.meta_step(make_task(tasks=2), optimizer)
+    learner.meta_step(make_task(tasks=2), optimizer)  # same shapes: checked once
+    bad = fastmeta.TaskBatch(torch.randn(2, 5, 1), torch.randn(2, 5, 2), torch.randn(2, 5, 1),
+                             torch.randn(2, 5, 1))
+    with pytest.raises(ValueError, match=r"support set of task 0"):
+        learner.meta_step(bad, optimizer)

@@ -37,6 +37,7 @@ class ANIL(MetaLearner):
         inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine: as for
             :class:`fastmeta.MAML`.
         memory_budget: as for :class:`fastmeta.MAML`.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``, as for :class:`fastmeta.MAML`.
         adapt: instead of ``head``, any selection :class:`fastmeta.MAML` takes.
 
     Example:
@@ -61,6 +62,7 @@ class ANIL(MetaLearner):
         compile: bool = False,
         verify_engine: bool = True,
         memory_budget: int | str = "auto",
+        precision: str | torch.dtype = "fp32",
         adapt: Selection | None = None,
         first_order: bool = False,
     ) -> None:
@@ -86,7 +88,7 @@ class ANIL(MetaLearner):
             loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
             engine=engine, compile=compile, verify_engine=verify_engine,
-            memory_budget=memory_budget,
+            memory_budget=memory_budget, precision=precision,
             adapt=modules.get(head, head) if isinstance(head, str) else adapt,
         )
         self.head = head

@@ -55,6 +55,7 @@ class DAML(MetaLearner):
         inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine, adapt: as for
             :class:`fastmeta.MAML`. Both engines run DAML.
         memory_budget: as for :class:`fastmeta.MAML`.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``, as for :class:`fastmeta.MAML`.
         first_order: must stay ``False``.
 
     Raises:
@@ -90,6 +91,7 @@ class DAML(MetaLearner):
         compile: bool = False,
         verify_engine: bool = True,
         memory_budget: int | str = "auto",
+        precision: str | torch.dtype = "fp32",
         adapt: Selection | None = None,
         first_order: bool = False,
     ) -> None:
@@ -104,7 +106,7 @@ class DAML(MetaLearner):
             model, inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
             engine=engine, compile=compile, verify_engine=verify_engine,
-            memory_budget=memory_budget, adapt=adapt,
+            memory_budget=memory_budget, adapt=adapt, precision=precision,
         )
         if not callable(adaptation_loss):
             raise TypeError(

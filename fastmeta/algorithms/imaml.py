@@ -70,6 +70,7 @@ class IMAML(MetaLearner):
         loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, verify_engine, adapt: as for
             :class:`fastmeta.MAML`.
         memory_budget: as for :class:`fastmeta.MAML`.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``, as for :class:`fastmeta.MAML`.
 
     Example:
         >>> learner = fastmeta.IMAML(model, inner_lr=0.05, inner_steps=16, lam=2.0,
@@ -95,13 +96,14 @@ class IMAML(MetaLearner):
         engine: str | Engine = "auto",
         verify_engine: bool = True,
         memory_budget: int | str = "auto",
+        precision: str | torch.dtype = "fp32",
         adapt: Selection | None = None,
     ) -> None:
         super().__init__(
             model, inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
             engine=engine, verify_engine=verify_engine,
-            memory_budget=memory_budget, adapt=adapt,
+            memory_budget=memory_budget, adapt=adapt, precision=precision,
         )
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (
                 math.isfinite(lam) and lam > 0):

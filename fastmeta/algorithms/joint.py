@@ -40,6 +40,7 @@ class JointTraining(MetaLearner):
         loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, verify_engine, adapt: as for
             :class:`fastmeta.MAML` (the engine runs ``adapt``).
         memory_budget: as for :class:`fastmeta.MAML`.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``, as for :class:`fastmeta.MAML`.
         first_order: not accepted (there is no inner loop to differentiate through).
 
     Example:
@@ -60,6 +61,7 @@ class JointTraining(MetaLearner):
         engine: str | Engine = "auto",
         verify_engine: bool = True,
         memory_budget: int | str = "auto",
+        precision: str | torch.dtype = "fp32",
         adapt: Selection | None = None,
         first_order: bool | None = None,
     ) -> None:
@@ -72,7 +74,7 @@ class JointTraining(MetaLearner):
             model, inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
             engine=engine, verify_engine=verify_engine,
-            memory_budget=memory_budget, adapt=adapt,
+            memory_budget=memory_budget, adapt=adapt, precision=precision,
         )
 
     def _pooled_losses(self, task: TaskBatch) -> Tensor:

@@ -44,6 +44,8 @@ class MAML(MetaLearner):
             (default: 80% of what the device can still give), bytes, or a size such as
             ``"6GiB"``. ``engine="auto"`` never runs a candidate predicted over it (see
             :attr:`engine_decision`); the other engines ignore it.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: autocast through both loops,
+            float32 weights (:attr:`fastmeta.MetaLearner.precision`).
         adapt: the parameters the inner loop adapts (default: every trainable one): names,
             glob patterns (``"*.bias"``), submodules, parameters or a predicate
             ``(name, parameter) -> bool``, or a list of these; the rest is meta-learned.
@@ -82,6 +84,7 @@ class FOMAML(MAML):
         compile: bool = False,
         verify_engine: bool = True,
         memory_budget: int | str = "auto",
+        precision: str | torch.dtype = "fp32",
         adapt: Selection | None = None,
         first_order: bool = True,
     ) -> None:
@@ -95,5 +98,5 @@ class FOMAML(MAML):
             loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
             engine=engine, compile=compile, verify_engine=verify_engine,
-            memory_budget=memory_budget, adapt=adapt,
+            memory_budget=memory_budget, adapt=adapt, precision=precision,
         )

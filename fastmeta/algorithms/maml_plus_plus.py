@@ -69,6 +69,7 @@ class MAMLPlusPlus(MetaLearner):
         loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine, adapt:
             as for :class:`fastmeta.MAML`.
         memory_budget: as for :class:`fastmeta.MAML`.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``, as for :class:`fastmeta.MAML`.
 
     Example:
         >>> learner = fastmeta.MAMLPlusPlus(fastmeta.models.Conv4(num_classes=5),
@@ -99,13 +100,14 @@ class MAMLPlusPlus(MetaLearner):
         compile: bool = False,
         verify_engine: bool = True,
         memory_budget: int | str = "auto",
+        precision: str | torch.dtype = "fp32",
         adapt: Selection | None = None,
     ) -> None:
         super().__init__(
             model, inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
             engine=engine, compile=compile, verify_engine=verify_engine,
-            memory_budget=memory_budget, adapt=adapt,
+            memory_budget=memory_budget, adapt=adapt, precision=precision,
         )
         self.multi_step_loss = bool(multi_step_loss)
         self.multi_step_iterations = check_steps("multi_step_iterations",

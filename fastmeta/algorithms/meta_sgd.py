@@ -35,6 +35,7 @@ class MetaSGD(MetaLearner):
             another inner optimiser than SGD, the learned rates scale that optimiser's step.
         engine, compile, verify_engine, adapt: as for :class:`fastmeta.MAML`.
         memory_budget: as for :class:`fastmeta.MAML`.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``, as for :class:`fastmeta.MAML`.
 
     Example:
         >>> learner = fastmeta.MetaSGD(model, inner_lr=0.01)
@@ -57,6 +58,7 @@ class MetaSGD(MetaLearner):
         compile: bool = False,
         verify_engine: bool = True,
         memory_budget: int | str = "auto",
+        precision: str | torch.dtype = "fp32",
         adapt: Selection | None = None,
         first_order: bool = False,
     ) -> None:
@@ -65,7 +67,7 @@ class MetaSGD(MetaLearner):
             loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
             engine=engine, compile=compile, verify_engine=verify_engine,
-            memory_budget=memory_budget, adapt=adapt,
+            memory_budget=memory_budget, adapt=adapt, precision=precision,
         )
         named = dict(model.named_parameters())
         self._lr_keys = {name: name.replace(".", "-") for name in super().adapted_names()}

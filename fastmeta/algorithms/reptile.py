@@ -40,6 +40,7 @@ class Reptile(MetaLearner):
         loss_fn, inner_optimizer, inner_optimizer_kwargs, engine, compile, verify_engine, adapt: as
             for :class:`fastmeta.MAML`.
         memory_budget: as for :class:`fastmeta.MAML`.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``, as for :class:`fastmeta.MAML`.
         first_order: not accepted (Reptile never differentiates through the inner loop).
 
     Example:
@@ -64,6 +65,7 @@ class Reptile(MetaLearner):
         compile: bool = False,
         verify_engine: bool = True,
         memory_budget: int | str = "auto",
+        precision: str | torch.dtype = "fp32",
         adapt: Selection | None = None,
         first_order: bool | None = None,
     ) -> None:
@@ -76,7 +78,7 @@ class Reptile(MetaLearner):
             model, inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn,
             inner_optimizer=inner_optimizer, inner_optimizer_kwargs=inner_optimizer_kwargs,
             engine=engine, compile=compile, verify_engine=verify_engine,
-            memory_budget=memory_budget, adapt=adapt,
+            memory_budget=memory_budget, adapt=adapt, precision=precision,
         )
         self.first_order = True
         self.inner_batch_size = None

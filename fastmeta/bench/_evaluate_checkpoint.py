@@ -6,7 +6,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from .._precision import autocast
 from ._checkpoint import CheckpointError
+from ._device import resolve_device, resolve_precision
 from ._protocol import benchmark as find_benchmark
 from ._protocol import names
 from ._registry import load_learner
@@ -40,6 +44,8 @@ def evaluate_checkpoint(
     steps: int | None = None,
     tasks: int | None = None,
     plot_dir: Path | None = None,
+    device: torch.device | str = "cpu",
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the learner saved at ``path`` on held-out tasks and summarise the results.
 
@@ -55,12 +61,17 @@ def evaluate_checkpoint(
             reports curves).
         tasks: number of held-out tasks.
         plot_dir: also write figures there.
+        device: where to evaluate (a ``torch.device`` or a ``--device`` name: ``"auto"``,
+            ``"cpu"``, ``"cuda"``, ...).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``; default: the precision the
+            checkpoint was trained in (``"fp32"`` for checkpoints that do not say).
 
     Returns:
         ``{"benchmark", "algorithm", "checkpoint", "iteration", "iterations", "complete",
-        "evaluation", "text", "figures"}``: ``evaluation`` has the layout of the
-        algorithm's ``evaluation`` in ``results.json``; ``text`` is the printable table,
-        which starts with a note if the checkpoint is partial (training was interrupted).
+        "device", "precision", "evaluation", "text", "figures"}``: ``evaluation`` has the
+        layout of the algorithm's ``evaluation`` in ``results.json``; ``text`` is the
+        printable table, which starts with a note if the checkpoint is partial (training
+        was interrupted).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -70,7 +81,11 @@ def evaluate_checkpoint(
     path = Path(path)
     if plot_dir is not None:  # before minutes of evaluation
         _check_plot_dir(Path(plot_dir))
+    device = device if isinstance(device, torch.device) else resolve_device(device)
     learner, payload = load_learner(path)
+    learner.to(device)
+    saved = payload.get("metadata", {}).get("precision", "fp32")
+    learner.precision = resolve_precision(saved if precision is None else precision)
     spec = payload["spec"]
     if spec["benchmark"] not in names():
         raise CheckpointError(
@@ -96,7 +111,8 @@ def evaluate_checkpoint(
         config = bench.config.from_dict(settings)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: cannot evaluate with these settings: {error}") from None
-    evaluation = bench.evaluate(learner, algorithm, config)
+    with autocast(learner.precision, learner.device):
+        evaluation = bench.evaluate(learner, algorithm, config)
     text = bench.eval_text(algorithm, evaluation, config)
     done, total = _progress(payload)
     complete = done >= total
@@ -120,6 +136,8 @@ def evaluate_checkpoint(
         "iteration": done,
         "iterations": total,
         "complete": complete,
+        "device": str(learner.device),
+        "precision": learner.precision,
         "evaluation": evaluation,
         "text": text,
         "figures": figures,

@@ -20,9 +20,11 @@ import torch
 import torch.distributed as dist
 
 from .. import distributed as fmd
+from .._precision import autocast
 from . import _plots
 from ._checkpoint import CheckpointError, check_learner_payload, load_checkpoint
 from ._config import BenchConfig, dumps, versions
+from ._device import resolve_device, resolve_precision
 from ._loggers import RunLog, check_log_formats, write_logs
 from ._outdir import RunLock, check_out, clean_temporaries, write_text
 from ._protocol import Benchmark, Outcome, RunPlan
@@ -53,18 +55,20 @@ def training_summary(record: TrainingRecord) -> dict[str, Any]:
         "ms_per_iteration": record.ms_per_iteration,
         "final_meta_loss": record.loss_curve[-1][1] if record.loss_curve else None,
         "loss_curve": record.loss_curve,
+        "skipped_steps": record.skipped,
     }
 
 
 def _training_run(benchmark: Benchmark, config: BenchConfig, plan: RunPlan,
-                  checkpoints: Path) -> TrainingRun:
+                  checkpoints: Path, device: torch.device, precision: str) -> TrainingRun:
     seed = config.seed if plan.seed is None else plan.seed
-    learner = build_learner(plan.spec, seed=seed).to(fmd.device())
+    learner = build_learner(plan.spec, seed=seed).to(device)
+    learner.precision = precision
     optimizer = plan.optimizer(learner.parameters())
     return TrainingRun(
         plan.name, learner, optimizer, plan.iterations, plan.batches(),
         checkpoints / f"{plan.name}.pt", plan.spec, plan.training,
-        metadata={"config": plan.evaluation},
+        metadata={"config": plan.evaluation, "precision": precision},
         schedule=plan.schedule(optimizer) if plan.schedule is not None else None,
     )
 
@@ -199,6 +203,8 @@ def run_benchmark(
     stop_after: int | None = None,
     log: Callable[[str], None] = print,
     log_to: Sequence[str] = (),
+    device: torch.device | str | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Meta-train, evaluate and write ``results.json``, ``results.md`` and the figures.
 
@@ -216,6 +222,11 @@ def run_benchmark(
         log_to: also write the curves, evaluation, engines and configuration for these
             tools: ``"csv"``, ``"tensorboard"`` (under ``out/logs``; see
             :func:`fastmeta.bench.write_logs`).
+        device: where the learners train and are evaluated (a ``torch.device`` or a
+            ``--device`` name such as ``"auto"``); ``None``: this process's device in a
+            ``torchrun`` job (``cuda:LOCAL_RANK`` under NCCL), else the CPU.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (the learners' ``precision``);
+            both are recorded in ``results.json``.
 
     Under ``torchrun`` every process trains on its share of each meta-batch (see
     :mod:`fastmeta.distributed`); only rank 0 checks and writes the output directory,
@@ -241,6 +252,9 @@ def run_benchmark(
     if plots and benchmark.figures is not None:
         _plots.pyplot()  # fail before hours of training, not after
     log_to = check_log_formats(log_to)  # likewise
+    device = fmd.device() if device is None else (
+        device if isinstance(device, torch.device) else resolve_device(device))
+    precision = resolve_precision(precision)
     out = Path(out)
     checkpoints = out / "checkpoints"
     main = fmd.is_main_process()
@@ -260,7 +274,8 @@ def run_benchmark(
                         f"{lock.took_over.get('pid')}, started {lock.took_over.get('started')})")
                 for path in clean_temporaries(out):
                     log(f"removed {path}, a temporary file of an interrupted write")
-            runs = [_training_run(benchmark, config, plan, checkpoints) for plan in plans]
+            runs = [_training_run(benchmark, config, plan, checkpoints, device, precision)
+                    for plan in plans]
             if main:
                 _check_checkpoints(benchmark, config, runs, checkpoints, resume)
                 previous = _previous_results(benchmark, config, out, resume)
@@ -313,9 +328,12 @@ def _train_and_evaluate(
             if name not in entries}
     order = [name for name in benchmark.algorithms if name in entries or name in kept]
     merged = {**kept, **entries}
+    learner = runs[0].learner
     results: dict[str, Any] = {
         "benchmark": benchmark.name,
         "config": {**config.as_dict(), "algorithms": order},
+        "device": str(learner.device),
+        "precision": learner.precision,
         "versions": versions(),
         "algorithms": {name: merged[name] for name in order},
     }
@@ -352,7 +370,9 @@ def _evaluate_all(benchmark: Benchmark, plans: list[RunPlan], runs: list[Trainin
             for plan, run in zip(plans, runs):
                 settings = benchmark.config.from_dict(plan.evaluation)
                 log(f"evaluating {plan.name}")
-                evaluations.append(benchmark.evaluate(run.learner, plan.algorithm, settings))
+                with autocast(run.learner.precision, run.learner.device):
+                    evaluations.append(benchmark.evaluate(run.learner, plan.algorithm,
+                                                          settings))
     except Interrupted as error:
         raise Interrupted(
             f"{error} (after {len(evaluations)} of {len(runs)} learners); the checkpoints in "

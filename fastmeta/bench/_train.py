@@ -16,6 +16,7 @@ from .. import __version__
 from .. import distributed as fmd
 from .._learner import DivergenceError, MetaLearner
 from ._checkpoint import CheckpointError, check_learner_payload, load_checkpoint, save_checkpoint
+from ._device import to_device
 from ._progress import Progress
 from ._registry import load_state
 from ._signals import Interrupted, StopFlag, signal_name
@@ -36,6 +37,7 @@ class TrainingRecord:
         loss_curve: ``[iteration, mean meta-loss over the window]`` pairs.
         window_losses: losses of the window in progress (so a resumed run's curve is the
             same as an uninterrupted one's).
+        skipped: meta-steps skipped on a float16 overflow (``--precision fp16``).
     """
 
     iterations: int = 0
@@ -43,6 +45,7 @@ class TrainingRecord:
     step_ms: list[float] = field(default_factory=list)
     loss_curve: list[list[float]] = field(default_factory=list)
     window_losses: list[float] = field(default_factory=list)
+    skipped: int = 0
 
     @property
     def ms_per_iteration(self) -> float | None:
@@ -235,10 +238,10 @@ def train(
 
     for iteration in range(record.iterations, run.iterations):
         batch = run.batch(iteration)
+        batch = to_device(fmd.shard(batch) if distributed else batch, run.learner.device)
         tick = time.perf_counter()
         try:
-            result = run.learner.meta_step(fmd.shard(batch) if distributed else batch,
-                                           run.optimizer)
+            result = run.learner.meta_step(batch, run.optimizer)
         except DivergenceError as error:
             bar.close()
             kept = (
@@ -253,10 +256,15 @@ def train(
         if run.schedule is not None:
             run.schedule.step()
         times.append(time.perf_counter() - tick)
-        record.window_losses.append(result.loss)
+        if result.skipped:  # a float16 overflow (precision fp16): no update, no loss
+            record.skipped += 1
+        else:
+            record.window_losses.append(result.loss)
         record.iterations = iteration + 1
         if record.iterations % window == 0 or record.iterations == run.iterations:
-            record.loss_curve.append([record.iterations, statistics.fmean(record.window_losses)])
+            if record.window_losses:
+                record.loss_curve.append([record.iterations,
+                                          statistics.fmean(record.window_losses)])
             record.step_ms.append(1000 * statistics.median(times))
             record.window_losses.clear()
             times.clear()

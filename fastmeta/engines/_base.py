@@ -175,7 +175,7 @@ class Engine:
         losses = self.meta_loss(module, task, loop, outer, order=order)
         assert losses.objectives is not None
         losses.objectives.mean().backward()
-        return MetaLosses(losses.query_losses.detach(), losses.support_losses)
+        return MetaLosses(losses.query_losses, losses.support_losses)  # detached already
 
 
 def support_batch(

@@ -44,7 +44,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._structure import structure
 
@@ -318,8 +317,54 @@ def quiet_batching_fallbacks() -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def exact_layers(module: nn.Module, *, vectorised: bool, second_order: bool) -> Iterator[None]:
+# module -> (its walk, {(vectorised, second_order): (routes, batch norms)}): what
+# exact_layers finds in a model changes only with a registration (a new walk).
+_LAYERS: weakref.WeakKeyDictionary[nn.Module, tuple[Any, dict[tuple[bool, bool], Any]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _layers(module: nn.Module, *, vectorised: bool, second_order: bool
+            ) -> tuple[dict[Callable[..., Any], Callable[..., Tensor]],
+                       list[nn.modules.batchnorm._BatchNorm]]:
+    """:func:`_routes` and the batch norms of ``module``, computed once per walk."""
+    walk = structure(module)
+    cached = _LAYERS.get(module)
+    if cached is None or cached[0] is not walk:
+        cached = _LAYERS[module] = (walk, {})
+    key = (vectorised, second_order)
+    if key not in cached[1]:
+        norms = [m for m in walk.modules if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        cached[1][key] = (_routes(module, vectorised=vectorised, second_order=second_order),
+                          norms)
+    routes, norms = cached[1][key]
+    return routes, norms
+
+
+# (getter, setter, whether it is the math kernel) of each attention backend torch has.
+_ATTENTION_BACKENDS = [
+    (getattr(torch._C, f"_get_{name}_sdp_enabled"), getattr(torch._C, f"_set_sdp_use_{name}"),
+     name == "math")
+    for name in ("cudnn", "flash", "mem_efficient", "math", "overrideable")
+    if hasattr(torch._C, f"_get_{name}_sdp_enabled") and hasattr(torch._C, f"_set_sdp_use_{name}")
+]
+
+
+class _MathAttention:
+    """``sdpa_kernel(SDPBackend.MATH)`` (the attention kernel with a second derivative on
+    every device) without its per-call argument handling: it runs on every meta-step."""
+
+    def __enter__(self) -> None:
+        self._saved = [get() for get, _, _ in _ATTENTION_BACKENDS]
+        for _, set_enabled, is_math in _ATTENTION_BACKENDS:
+            set_enabled(is_math)
+
+    def __exit__(self, *exc: object) -> None:
+        for (_, set_enabled, _), was in zip(_ATTENTION_BACKENDS, self._saved):
+            set_enabled(was)
+
+
+def exact_layers(module: nn.Module, *, vectorised: bool, second_order: bool
+                 ) -> contextlib.AbstractContextManager[None]:
     """Run the block with the exact forms of the layers ``module`` holds.
 
     Args:
@@ -330,22 +375,30 @@ def exact_layers(module: nn.Module, *, vectorised: bool, second_order: bool) -> 
             fixed-length embedding bags become embedding + reduction, weight norm and
             pairwise distances are computed from their definitions).
     """
-    routes = _routes(module, vectorised=vectorised, second_order=second_order)
+    routes, norms = _layers(module, vectorised=vectorised, second_order=second_order)
     watching = second_order and module not in _CALLS_METRIC
     if second_order and _CALLS_METRIC.get(module, True):
-        routes.update(_METRIC_ROUTES)
-    switched = []
+        routes = {**routes, **_METRIC_ROUTES}  # a copy: _layers' dict is cached
+    switched: list[nn.modules.batchnorm._BatchNorm] = []
     if vectorised:  # in-place statistics updates (and their counter) cannot run under vmap
-        switched = [m for m in structure(module).modules
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                    and m.training and m.track_running_stats]
+        switched = [m for m in norms if m.training and m.track_running_stats]
+    if not routes and not switched and not vectorised:  # without a generator per call
+        return _MathAttention() if second_order else contextlib.nullcontext()
+    return _exact_layers(module, routes, switched, vectorised=vectorised,
+                         second_order=second_order, watching=watching)
+
+
+@contextlib.contextmanager
+def _exact_layers(module: nn.Module, routes: dict[Callable[..., Any], Callable[..., Tensor]],
+                  switched: list[nn.modules.batchnorm._BatchNorm], *, vectorised: bool,
+                  second_order: bool, watching: bool) -> Iterator[None]:
     for m in switched:
         m.track_running_stats = False
     try:
         with contextlib.ExitStack() as stack:
             mode = stack.enter_context(_ExactFunctions(routes)) if routes else None
             if second_order:
-                stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+                stack.enter_context(_MathAttention())
             if vectorised:
                 stack.enter_context(quiet_batching_fallbacks())
             yield

@@ -67,8 +67,10 @@ def one_task(
     query_x: Tree,
     query_y: Tree,
     indices: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Params]:
-    """One task: (meta-objective, query loss after the last step, support losses, params)."""
+) -> tuple[Any, ...]:
+    """One task: ``(meta-objective, query loss after the last step, *support losses)``,
+    the support loss before each step; without ``outer`` (adapt):
+    ``(*support losses, params after the last step)``."""
     names = loop.adapted
     fixed = {**frozen, **{n: p for n, p in trainable.items() if n not in names}}
     rule = loop.optimizer.rule()
@@ -83,9 +85,8 @@ def one_task(
 
     initial = {n: trainable[n] for n in names}
     adapted, state = dict(initial), rule.init(initial)
-    # Placeholders in the parameters' dtype: inputs may be integer token ids.
-    zero = next(iter(trainable.values())).new_zeros(())
-    objective, losses = zero, []
+    objective: Tensor | None = None
+    losses = []
     weights = outer.weights(loop.steps) if outer is not None else ()
     for step in range(loop.steps):
         x, y = support_x, support_y
@@ -99,23 +100,26 @@ def one_task(
             return loop.objective(context)
 
         grads, loss = grad_and_value(inner)(adapted)
-        losses.append(loss.detach())
+        losses.append(loss)  # detached by the caller, outside vmap (a cheaper op there)
         if order is not MetaGrad.SECOND_ORDER:
             grads = {n: g.detach() for n, g in grads.items()}
         adapted, state = rule.update(adapted, grads, state, loop.rates(step))
         if outer is not None and weights[step] != 0 and step < loop.steps - 1:
-            step_loss = outer.loss_fn(forward(step + 1, adapted, query_x), query_y)
-            objective = objective + weights[step] * step_loss
-    query_loss = zero
+            step_loss = weights[step] * outer.loss_fn(forward(step + 1, adapted, query_x),
+                                                      query_y)
+            objective = step_loss if objective is None else objective + step_loss
+    query_loss = None
     if outer is not None:
         query_loss = outer.loss_fn(forward(loop.steps, adapted, query_x), query_y)
         last = query_loss if weights[-1] == 1.0 else weights[-1] * query_loss
-        objective = last if objective is zero else objective + last
-    support_losses = torch.stack(losses) if losses else zero.new_zeros(0)
+        objective = last if objective is None else objective + last
     # The adapted weights are an output only for adapt(): under vmap every output is
     # materialised for all tasks, and meta_loss() has no use for them.
-    params = params_at(loop.steps, adapted) if outer is None else {}
-    return objective, query_loss, support_losses, params
+    # A flat tuple: vmap and grad walk their outputs' trees on every call.
+    if outer is None:
+        return (*losses, params_at(loop.steps, adapted))
+    assert objective is not None and query_loss is not None
+    return (objective, query_loss, *losses)
 
 
 def _meta_batch(
@@ -128,14 +132,52 @@ def _meta_batch(
     buffers: Params,
     task: TaskBatch,
     batch_indices: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Params]:
-    """:func:`one_task` vectorised over the tasks of ``task``."""
+) -> tuple[Tensor | None, Tensor | None, Tensor, Params]:
+    """:func:`one_task` vectorised over the tasks of ``task``; the support losses come back
+    ``[tasks, steps]`` and detached."""
     args = (*task, batch_indices)
-    in_dims = tuple(None if value is None else 0 for value in args)
+    present = [i for i, value in enumerate(args) if value is not None]
+
+    def per_task(*values: Any) -> tuple[Any, ...]:
+        full: list[Any] = [None] * len(args)
+        for i, value in zip(present, values):
+            full[i] = value
+        return one_task(module, loop, order, outer, trainable, frozen, buffers, *full)
+
     # Random layers (Dropout) draw their own masks for every task.
-    batched = vmap(partial(one_task, module, loop, order, outer, trainable, frozen, buffers),
-                   in_dims=in_dims, randomness="different")
-    return batched(*args)
+    out = vmap(per_task, randomness="different")(*(args[i] for i in present))
+    objective: Tensor | None = None
+    query_loss: Tensor | None = None
+    params: Params = {}
+    if outer is None:
+        *losses, params = out
+    else:
+        objective, query_loss, *losses = out
+    if losses:
+        support_losses = torch.stack(losses, dim=1).detach()
+    else:
+        reference = next(iter(trainable.values()))
+        support_losses = reference.new_zeros(task.num_tasks, 0).detach()
+    return objective, query_loss, support_losses, params
+
+
+def _mean_meta_batch(
+    module: nn.Module,
+    loop: InnerLoop,
+    order: MetaGrad,
+    outer: OuterObjective,
+    trainable: Params,
+    frozen: Params,
+    buffers: Params,
+    task: TaskBatch,
+    batch_indices: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The mean meta-objective (to differentiate), the query and the support losses
+    (detached): what a compiled meta-gradient needs, in one graph with the inner loop."""
+    objectives, query_losses, support_losses, _ = _meta_batch(
+        module, loop, order, outer, trainable, frozen, buffers, task, batch_indices)
+    assert objectives is not None and query_losses is not None
+    return objectives.mean(), query_losses.detach(), support_losses
 
 
 def split_parameters(module: nn.Module) -> tuple[Params, Params, Params]:
@@ -162,7 +204,9 @@ class VmapEngine(Engine):
     def __init__(self, *, compile: bool = False, chunk_size: int | None = None) -> None:
         self.compile = compile
         self.chunk_size = chunk_size
-        self._compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
+        # configuration -> (the compiled function, whether it runs on CUDA graphs)
+        self._compiled: dict[tuple[Any, ...], tuple[Callable[..., Any], bool]] = {}
+        self._settings: dict[int, tuple[Any, str]] = {}
 
     def splits(self, task: TaskBatch) -> bool:
         """Whether ``task`` runs in more than one chunk (otherwise as one ``vmap``)."""
@@ -177,6 +221,8 @@ class VmapEngine(Engine):
                        outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
         size = self.chunk_size
         if size is None or not self.splits(task):
+            if self.compile:  # the mean in the compiled graph too, as one would write it
+                return self._compiled_meta_gradient(module, task, loop, outer, order)
             return super().meta_gradient(module, task, loop, outer, order=order)
         queries, supports = [], []
         for start in range(0, task.num_tasks, size):
@@ -219,24 +265,49 @@ class VmapEngine(Engine):
                                                 loop.batch_indices)
         return MetaLosses(query_losses.detach(), support_losses, objectives)
 
+    def _compiled_meta_gradient(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
+                                outer: OuterObjective, order: MetaGrad) -> MetaLosses:
+        trainable, frozen, buffers = split_parameters(module)
+        fn = partial(_mean_meta_batch, module, loop, order, outer)
+        with exact_layers(module, vectorised=True,
+                          second_order=order is MetaGrad.SECOND_ORDER):
+            mean, query_losses, support_losses = self._maybe_compiled(
+                fn, module, loop, outer, order, "mean")(trainable, frozen, buffers, task,
+                                                        loop.batch_indices)
+        mean.backward()
+        return MetaLosses(query_losses, support_losses)
+
     def _maybe_compiled(self, fn: Callable[..., Any], module: nn.Module, loop: InnerLoop,
-                        outer: OuterObjective, order: MetaGrad) -> Callable[..., Any]:
-        """``fn``, compiled once per configuration when ``compile=True``."""
+                        outer: OuterObjective, order: MetaGrad, kind: str = "per task"
+                        ) -> Callable[..., Any]:
+        """``fn``, compiled once per configuration when ``compile=True``.
+
+        On CUDA with ``mode="reduce-overhead"``: CUDA graphs replay the whole step's
+        kernels with one launch, where launching them one by one costs more than the
+        arithmetic of a small model.
+        """
         if not self.compile:
             return fn
-        settings = repr(sorted(loop.optimizer.settings.items()))
-        key = (id(module), loop.adapted, loop.steps, loop.optimizer.name, settings,
+        known = self._settings.get(id(loop.optimizer))
+        if known is None or known[0] is not loop.optimizer:  # one repr per inner optimiser
+            known = self._settings[id(loop.optimizer)] = (
+                loop.optimizer, repr(sorted(loop.optimizer.settings.items())))
+        key = (id(module), loop.adapted, loop.steps, loop.optimizer.name, known[1],
                loop.objective, loop.rates, loop.step_params, loop.batch_indices is None,
-               outer, order)
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            compiled = self._compiled[key] = torch.compile(fn)
-        return partial(self._call_compiled, compiled, fn)
+               outer, order, kind)
+        found = self._compiled.get(key)
+        if found is None:
+            cuda = structure(module).named_parameters()[0][1].is_cuda
+            found = self._compiled[key] = (
+                torch.compile(fn, mode="reduce-overhead" if cuda else None), cuda)
+        return partial(self._call_compiled, found[0], fn, found[1])
 
     def _call_compiled(
-        self, compiled: Callable[..., Any], eager: Callable[..., Any], *args: Any
+        self, compiled: Callable[..., Any], eager: Callable[..., Any], cuda: bool, *args: Any
     ) -> Any:
         try:
+            if cuda:  # a new step: the CUDA graphs may reuse the last step's output memory
+                torch.compiler.cudagraph_mark_step_begin()
             return compiled(*args)
         except torch.OutOfMemoryError:
             raise
