@@ -265,10 +265,10 @@ def markdown(table: dict[str, Any], device: torch.device, quick: bool) -> str:
             auto = cells["auto"].get("engine", "—")
             lines.append(f"| {name} | {precision} | {' | '.join(shown)} | {auto} |")
     if any(s.rows != ROWS for s in shapes(quick).values()):
-        notes.append("- gpt2-lora: torch.func cannot vectorise Hugging Face's attention-mask "
-                     "code and higher cannot copy peft's classes, so hand-vmap, vmap and "
-                     "higher do not run it, and auto, which tries vmap and then higher, "
-                     "stops with torch.func's error: pass engine='loop'")
+        notes.append("- gpt2-lora: torch.func refuses GPT2ForSequenceClassification with "
+                     "peft's LoRA (a data-dependent check in transformers' code) and higher "
+                     "cannot copy peft's classes, so hand-vmap, vmap and higher do not run "
+                     "it; auto times the per-task engines that do and keeps the fastest")
     return "\n".join(lines + ([""] + notes if notes else []))
 
 

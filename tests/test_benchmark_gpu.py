@@ -34,10 +34,9 @@ def test_gpu_benchmark_quick_prints_every_shape_precision_and_row(tmp_path, caps
             for row in ("reference", "loop"):  # these run every model
                 assert math.isfinite(cells[row]["ms"]) and cells[row]["ms"] > 0, (name, row)
                 assert cells[row]["peak_mib"] is None  # no per-step counter on a CPU
+            assert "ms" in cells["auto"], (name, precision)  # the default runs every model
             if name != "gpt2-lora":
-                assert "ms" in cells["auto"] and "ms" in cells["vmap"], (name, precision)
-            else:
-                assert "data-dependent" in cells["auto"]["error"]
+                assert "ms" in cells["vmap"], (name, precision)
     for name in table:
         assert f"| {name} | fp32 |" in printed and f"| {name} | bf16 |" in printed
     assert "| shape | precision | reference | hand-vmap | auto | vmap | loop | higher |" in printed
