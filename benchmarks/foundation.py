@@ -26,7 +26,8 @@ hand-written per-task loop (``functional_call`` and ``torch.autograd.grad`` per 
 ``backward`` per task; MAML and first-order MAML only). An engine that cannot run a model
 shows its error. Each row is one whole meta-iteration (zeroing the gradients, the
 meta-gradient, an SGD step with learning rate 0 so that every row sees the same model),
-timed ``--repeats`` times in rounds that visit the rows in turn, on the same batch: the
+timed ``--repeats`` times in rounds that visit the rows in an order drawn afresh each round
+(a fixed order favours some rows on a busy machine), on the same batch: the
 median is shown, and ``default/best`` divides the default's median by the fastest exact
 engine's. ``err`` is each row's largest meta-gradient difference from the plain loop's (or
 from ``loop`` where there is no plain row), relative to the largest entry. ``+MiB``: the
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import random
 import statistics
 import sys
 import time
@@ -260,8 +262,11 @@ def run_case(model: nn.Module, spec: Spec, algorithm: str, steps: int, rows: lis
         result["engine"] = meta.engine if meta is not None else "plain"
         progress(f"{row}: ready on {result['engine']}")
     times: dict[str, list[float]] = {row: [] for row in live}
-    for _ in range(repeats):  # rounds: every row once per round
-        for row, (step, _) in live.items():
+    for round_ in range(repeats):  # rounds: every row once, in an order drawn afresh
+        order = list(live)
+        random.Random(round_).shuffle(order)
+        for row in order:
+            step = live[row][0]
             start = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -23,6 +23,11 @@ Usage:
     python examples/lora_few_shot_text.py                 # 300 meta-iterations
     python examples/lora_few_shot_text.py --quick         # 40 meta-iterations
     python examples/lora_few_shot_text.py --out adapters  # where the adapters go
+
+Measured with --quick (27 s on two shared CPU cores, one thread): query loss 0.82 -> 0.67
+over the run; held-out topics, 3-way 2-shot query accuracy after 3 adaptation steps 0.33
+(chance) before meta-training, 0.45 after; the saved adapter, reloaded with peft, 0.50 on
+its own task's queries.
 """
 
 from __future__ import annotations

@@ -130,3 +130,22 @@ def test_imaml_runs_through_attention_on_every_engine():
         grads[engine] = [p.grad for p in model.parameters()]
     for a, b in zip(grads["vmap"], grads["loop"]):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_mask_contexts_nest_and_only_hide_the_values_torch_func_wraps():
+    from transformers import masking_utils
+
+    from fastmeta.engines._masks import vectorised_masks
+
+    original = masking_utils.is_tracing
+    with vectorised_masks():
+        patched = masking_utils.is_tracing
+        with vectorised_masks():
+            assert masking_utils.is_tracing is patched
+        assert masking_utils.is_tracing is patched
+        mask = torch.ones(3, 5, dtype=torch.bool)
+        assert not patched(mask)  # a plain mask is read (and skipped where it masks nothing)
+        seen = []
+        torch.func.vmap(lambda m: seen.append(patched(m)) or m)(mask)
+        assert seen == [True]
+    assert masking_utils.is_tracing is original

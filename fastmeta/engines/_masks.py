@@ -42,6 +42,7 @@ def _unreadable_too(original: Callable[..., bool]) -> Callable[..., bool]:
         return bool(original(tensor)) or _wrapped_by_torch_func(tensor)
 
     is_tracing.__wrapped__ = original  # type: ignore[attr-defined]
+    is_tracing.fastmeta_masks = True  # type: ignore[attr-defined]
     return is_tracing
 
 
@@ -56,7 +57,7 @@ def vectorised_masks() -> Iterator[None]:
     for name in MASK_MODULES:
         module = sys.modules.get(name)
         original = getattr(module, "is_tracing", None)
-        if original is None or hasattr(original, "__wrapped__"):
+        if original is None or getattr(original, "fastmeta_masks", False):  # nested
             continue
         module.is_tracing = _unreadable_too(original)  # type: ignore[union-attr]
         patched.append((module, original))
