@@ -490,8 +490,12 @@ class AutoEngine(Engine):
         candidates, excluded = self._plans[key]
         allowed = [c for c in candidates
                    if c[0] not in excluded and c[0] not in record.out_of_memory] or candidates[:1]
-        device = _device_of(module)
-        grads = self.grads_of or module.parameters
+        # The tensors whose .grad a broken-off step must restore, walked once per step.
+        tensors = list((self.grads_of or module.parameters)())
+        device = tensors[0].device if tensors else _device_of(module)
+
+        def grads() -> list[Tensor]:
+            return tensors
 
         def run(label: str, *, alone: bool = False) -> Any:
             """Runs candidate ``label``; out of memory, the next smaller one (``alone``:
@@ -537,14 +541,17 @@ class AutoEngine(Engine):
             if is_out_of_memory(error):
                 record.out_of_memory.append(label)
 
-        _, losses = tuner.run(key, call, twin, self._undo(module), set_aside)
+        _, losses = tuner.run(key, call, twin, self._undo(module, tensors), set_aside)
         return losses
 
-    def _undo(self, module: nn.Module) -> Callable[[], None]:
+    def _undo(self, module: nn.Module, tensors: list[Tensor] | None = None
+              ) -> Callable[[], None]:
         """What undoes a meta-step that broke off: the ``.grad`` it may have written, and
-        the memory it left."""
-        snapshot = GradSnapshot((self.grads_of or module.parameters)())
-        device = _device_of(module)
+        the memory it left (``tensors``: the learner's parameters, if already listed)."""
+        if tensors is None:
+            tensors = list((self.grads_of or module.parameters)())
+        snapshot = GradSnapshot(tensors)
+        device = tensors[0].device if tensors else _device_of(module)
 
         def undo() -> None:
             snapshot.restore()

@@ -320,9 +320,13 @@ class GradSnapshot:
     """The ``.grad`` of some tensors, to undo what a failed backward pass wrote."""
 
     def __init__(self, tensors: Iterable[Tensor]) -> None:
-        self.saved = [(t, None if t.grad is None else t.grad.clone()) for t in tensors]
+        self.tensors = tuple(tensors)
+        # Only the gradients there are (a meta-step usually starts with none: no clone).
+        self.saved = [(t, t.grad.clone()) for t in self.tensors if t.grad is not None]
 
     def restore(self) -> None:
+        for tensor in self.tensors:
+            tensor.grad = None
         for tensor, grad in self.saved:
             tensor.grad = grad
 
