@@ -382,16 +382,16 @@ def exact_layers(module: nn.Module, *, vectorised: bool, second_order: bool
     switched: list[nn.modules.batchnorm._BatchNorm] = []
     if vectorised:  # in-place statistics updates (and their counter) cannot run under vmap
         switched = [m for m in norms if m.training and m.track_running_stats]
-    if not routes and not switched and not vectorised:  # without a generator per call
+    if not routes and not switched:  # the common case, without a generator per call
         return _MathAttention() if second_order else contextlib.nullcontext()
-    return _exact_layers(module, routes, switched, vectorised=vectorised,
-                         second_order=second_order, watching=watching)
+    return _exact_layers(module, routes, switched, second_order=second_order,
+                         watching=watching)
 
 
 @contextlib.contextmanager
 def _exact_layers(module: nn.Module, routes: dict[Callable[..., Any], Callable[..., Tensor]],
-                  switched: list[nn.modules.batchnorm._BatchNorm], *, vectorised: bool,
-                  second_order: bool, watching: bool) -> Iterator[None]:
+                  switched: list[nn.modules.batchnorm._BatchNorm], *, second_order: bool,
+                  watching: bool) -> Iterator[None]:
     for m in switched:
         m.track_running_stats = False
     try:
@@ -399,8 +399,6 @@ def _exact_layers(module: nn.Module, routes: dict[Callable[..., Any], Callable[.
             mode = stack.enter_context(_ExactFunctions(routes)) if routes else None
             if second_order:
                 stack.enter_context(_MathAttention())
-            if vectorised:
-                stack.enter_context(quiet_batching_fallbacks())
             yield
             if watching and mode is not None:
                 _CALLS_METRIC[module] = bool(mode.used & set(_METRIC_ROUTES))

@@ -214,7 +214,7 @@ class VmapEngine(Engine):
 
     def meta_gradient(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
                       outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
-        with quiet_batching_fallbacks():  # the backward passes run outside exact_layers
+        with quiet_batching_fallbacks():  # the backward passes run outside meta_loss
             return self._meta_gradient(module, task, loop, outer, order=order)
 
     def _meta_gradient(self, module: nn.Module, task: TaskBatch, loop: InnerLoop,
@@ -244,7 +244,7 @@ class VmapEngine(Engine):
         trainable, frozen, buffers = split_parameters(module)
         second_order = order is MetaGrad.SECOND_ORDER
         with exact_layers(module, vectorised=True, second_order=second_order), \
-                vectorised_masks(), \
+                vectorised_masks(), quiet_batching_fallbacks(), \
                 torch.no_grad() if order is MetaGrad.NONE else contextlib.nullcontext():
             _, _, support_losses, params = _meta_batch(
                 module, loop, order, None, trainable, frozen, buffers, task, loop.batch_indices)
@@ -259,7 +259,8 @@ class VmapEngine(Engine):
         trainable, frozen, buffers = split_parameters(module)
         fn = partial(_meta_batch, module, loop, order, outer)
         with exact_layers(module, vectorised=True,
-                          second_order=order is MetaGrad.SECOND_ORDER), vectorised_masks():
+                          second_order=order is MetaGrad.SECOND_ORDER), vectorised_masks(), \
+                quiet_batching_fallbacks():
             objectives, query_losses, support_losses, _ = self._maybe_compiled(
                 fn, module, loop, outer, order)(trainable, frozen, buffers, task,
                                                 loop.batch_indices)
