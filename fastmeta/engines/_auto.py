@@ -296,13 +296,12 @@ class AutoEngine(Engine):
         failures = (*(memory.out_of_memory if memory else ()), *self._out_of_memory)
         if failures:
             reason += f"; out of memory once on: {', '.join(failures)}"
-        if memory is None:
-            return EngineDecision(self.name, reason, tuple(self._checked), self._max_error,
-                                  self._seconds, timings, self._tuning(), out_of_memory=failures)
-        return EngineDecision(self.name, reason, tuple(self._checked), self._max_error,
-                              self._seconds, timings, self._tuning(), memory.budget,
-                              memory.footprint, dict(memory.predicted), dict(memory.measured),
-                              failures)
+        return EngineDecision(
+            self.name, reason, tuple(self._checked), self._max_error, self._seconds, timings,
+            self._tuning(), memory_budget=memory.budget if memory else None,
+            task_footprint=memory.footprint if memory else None,
+            predicted_peaks=dict(memory.predicted) if memory else None,
+            measured_peaks=dict(memory.measured) if memory else None, out_of_memory=failures)
 
     def _tuning(self) -> bool:
         if not self.tune:
