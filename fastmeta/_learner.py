@@ -23,7 +23,7 @@ from ._objectives import Proximal, SupervisedLoss
 from ._precision import LossScaler, autocast, check_precision, scaling, unscale_and_check
 from ._selection import Selection, select
 from ._structure import structure
-from ._task import TaskBatch, as_task, shapes_of, single_task, to_model
+from ._task import TaskBatch, as_task, plain_task, shapes_of, single_task, to_model
 from ._tree import (
     Tree,
     call,
@@ -260,6 +260,8 @@ class MetaLearner(ExampleShapes):
         self._output_specs: dict[Any, tuple[tuple[int, ...], torch.dtype] | None] = {}
         # What the last batch that passed prepare()'s checks looked like (shapes_of()).
         self._prepared: Any = None
+        # The same for a batch that prepare() returned as given (no move, no cast).
+        self._unchanged: Any = None
         self.inner_lr = _check_positive_number("inner_lr", inner_lr)
         self.inner_steps = check_steps("inner_steps", inner_steps, 1)
         self.first_order = bool(first_order)
@@ -272,7 +274,7 @@ class MetaLearner(ExampleShapes):
             verify=bool(verify_engine), memory_budget=parse_memory_budget(memory_budget),
         )
         if isinstance(self._engine, AutoEngine):  # a failed meta-step restores their .grad
-            self._engine.grads_of = self.parameters
+            self._engine.grads_of = self._parameter_list
         self.meta_steps_taken = 0
         self._warned_optimizer = False
         # The optimiser whose parameter groups were last checked (identity and layout).
@@ -460,6 +462,10 @@ class MetaLearner(ExampleShapes):
         """Device of the model's parameters (where batches are moved)."""
         return self._reference().device
 
+    def _parameter_list(self) -> list[Tensor]:
+        """As ``list(self.parameters())``, from the cached walk (no module recursion)."""
+        return [p for _, p in structure(self).named_parameters()]
+
     def _reference(self) -> Tensor:
         return structure(self.module).named_parameters()[0][1]
 
@@ -472,7 +478,17 @@ class MetaLearner(ExampleShapes):
         Returns:
             The :class:`fastmeta.TaskBatch` the engines run.
         """
-        task = to_model(as_task(batch), self._reference())
+        reference = self._reference()
+        plain = plain_task(batch)
+        if plain is not None:
+            # The same shapes as a batch that needed no move nor cast: nothing to redo
+            # but the label check, and no new TaskBatch.
+            unchanged = (shapes_of(plain), reference.dtype, reference.device,
+                         self.module.training, id(self.loss_fn), self._example_shapes)
+            if unchanged == self._unchanged:
+                self._check_labels(plain)
+                return plain
+        task = to_model(as_task(batch), reference)
         # A batch of plain tensors like the last one needs no new check but of its labels.
         key = shapes_of(task)
         # (The example shape is in the key: setting it, or loading a state, checks again.)
@@ -484,9 +500,18 @@ class MetaLearner(ExampleShapes):
             check_batch(task, self._example_shapes)
             self._example_shapes = support_shapes(task)
             self._prepared = key
-        elif isinstance(self.loss_fn, Loss) and self.loss_fn.name == "cross_entropy":
-            self._check_loss(task)
+        else:
+            self._check_labels(task)
+        self._unchanged = None
+        if plain is not None and all(a is b for a, b in zip(task, plain)):
+            self._unchanged = (shapes_of(plain), reference.dtype, reference.device,
+                               self.module.training, id(self.loss_fn), self._example_shapes)
         return task
+
+    def _check_labels(self, task: TaskBatch) -> None:
+        """Class labels are read on every batch: their values change, their shapes do not."""
+        if isinstance(self.loss_fn, Loss) and self.loss_fn.name == "cross_entropy":
+            self._check_loss(task)
 
     def _supervised_inner(self) -> bool:
         objective = self.inner_objective()

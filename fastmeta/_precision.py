@@ -149,6 +149,19 @@ class LossScaler:
         return self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW
 
 
+_ONES: dict[torch.device, Tensor] = {}
+
+
+def _one(device: torch.device) -> Tensor:
+    """A float32 ``[1.0]`` on ``device``, made once (the fused check's unit scale; the
+    kernel only reads it)."""
+    one = _ONES.get(device)
+    if one is None:
+        with torch.inference_mode(False):  # an ordinary tensor, whatever mode makes it
+            one = _ONES[device] = torch.ones(1, device=device)
+    return one
+
+
 def unscale_and_check(tensors: Sequence[Tensor], inverse: Tensor | None = None) -> bool:
     """Multiply ``tensors`` in place by ``inverse`` (if given) and say whether every entry
     of every one is finite.
@@ -170,7 +183,7 @@ def unscale_and_check(tensors: Sequence[Tensor], inverse: Tensor | None = None) 
     for (device, _), group in groups.items():
         if device not in found:
             found[device] = torch.zeros(1, device=device)
-        scale = (torch.ones(1, device=device) if inverse is None
+        scale = (_one(device) if inverse is None
                  else inverse.reshape(1).to(device=device, dtype=torch.float32))
         try:
             torch._amp_foreach_non_finite_check_and_unscale_(group, found[device], scale)

@@ -138,6 +138,24 @@ def as_task(batch: TaskBatch | Mapping[str, Any] | Sequence[Tensor]) -> TaskBatc
     return task
 
 
+def plain_task(batch: Any) -> TaskBatch | None:
+    """``batch`` as a :class:`TaskBatch` without a copy or a check, where it is one of
+    four plain tensors (a ``TaskBatch``, or ``{"train": [x, y], "test": [x, y]}``);
+    ``None`` otherwise. The caller validates it, or knows its shapes passed."""
+    if isinstance(batch, TaskBatch):
+        task = batch
+    elif type(batch) is dict and len(batch) == 2:
+        support = batch.get("train", batch.get("support"))
+        query = batch.get("test", batch.get("query"))
+        if not (isinstance(support, list | tuple) and isinstance(query, list | tuple)
+                and len(support) == 2 and len(query) == 2):
+            return None
+        task = TaskBatch(support[0], support[1], query[0], query[1])
+    else:
+        return None
+    return task if all(type(part) is Tensor for part in task) else None
+
+
 def _leaf_shapes(name: str, value: Tree) -> list[tuple[str, Tensor]]:
     """``(where, leaf)`` of every leaf of one part, each checked to be a tensor."""
     found: list[tuple[str, Tensor]] = []

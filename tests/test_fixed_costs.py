@@ -254,3 +254,62 @@ def test_shape_checks_run_again_for_a_batch_of_another_shape():
                              torch.randn(2, 5, 1))
     with pytest.raises(ValueError, match=r"support set of task 0"):
         learner.meta_step(bad, optimizer)
+
+
+def test_a_batch_like_the_last_one_is_returned_as_given():
+    learner = fastmeta.MAML(nn.Sequential(nn.Linear(1, 3), nn.Linear(3, 1)), inner_lr=0.1,
+                            loss_fn="mse")
+    first, second = make_task(tasks=2), make_task(tasks=2)
+    learner.prepare(first)
+    assert learner.prepare(second) is second  # no copy, no new TaskBatch
+    as_dict = {"train": [second.support_x, second.support_y],
+               "test": [second.query_x, second.query_y]}
+    prepared = learner.prepare(as_dict)
+    assert all(a is b for a, b in zip(prepared, second))
+
+
+def test_the_same_shapes_are_moved_again_after_the_model_changes_dtype():
+    learner = fastmeta.MAML(nn.Sequential(nn.Linear(1, 3), nn.Linear(3, 1)), inner_lr=0.1,
+                            loss_fn="mse")
+    task = make_task(tasks=2)
+    learner.prepare(task)
+    learner.double()
+    assert all(t.dtype == torch.float64 for t in learner.prepare(task))
+    learner.float()
+    assert all(t.dtype == torch.float32 for t in learner.prepare(task))
+
+
+def test_labels_are_read_on_every_batch_of_known_shapes():
+    learner = fastmeta.MAML(nn.Linear(4, 3), inner_lr=0.1, loss_fn="cross_entropy")
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.1)
+
+    def batch(high: int) -> fastmeta.TaskBatch:
+        return fastmeta.TaskBatch(torch.randn(2, 6, 4), torch.randint(0, high, (2, 6)),
+                                  torch.randn(2, 6, 4), torch.randint(0, 3, (2, 6)))
+
+    learner.meta_step(batch(3), optimizer)
+    learner.meta_step(batch(3), optimizer)
+    bad = batch(3)
+    bad.support_y[1, 2] = 7
+    with pytest.raises(ValueError, match=r"support_y of task 1 holds the label 7"):
+        learner.meta_step(bad, optimizer)
+
+
+def test_a_change_of_example_shape_or_mode_checks_the_batch_again(monkeypatch):
+    learner = fastmeta.MAML(nn.Sequential(nn.Linear(1, 3), nn.Linear(3, 1)), inner_lr=0.1,
+                            loss_fn="mse")
+    checked = []
+    check = learner._check_loss
+    monkeypatch.setattr(learner, "_check_loss", lambda *a, **k: checked.append(1) or check(*a, **k))
+    task = make_task(tasks=2)
+    learner.prepare(task)
+    learner.prepare(task)
+    assert len(checked) == 1
+    learner.eval()  # another mode: the model's output may differ
+    learner.prepare(task)
+    assert len(checked) == 2
+    learner.example_shape = None  # forgotten (as after loading an older state)
+    learner.prepare(task)
+    assert len(checked) == 3
+    learner.prepare(task)
+    assert len(checked) == 3

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -309,12 +310,27 @@ def _has_weight_norm(module: nn.Module) -> bool:
 FALLBACK_NOTICE = "There is a performance drop because we have not yet implemented the batching"
 
 
+_quiet = threading.local()  # .depth: quiet_batching_fallbacks blocks open on this thread
+
+
 @contextlib.contextmanager
 def quiet_batching_fallbacks() -> Iterator[None]:
-    """Run the block without torch's per-call notice about vmap's slow, exact fallback."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=FALLBACK_NOTICE, category=UserWarning)
-        yield
+    """Run the block without torch's per-call notice about vmap's slow, exact fallback.
+
+    A block inside another one adds no filter of its own (each filter change resets the
+    warnings module's caches, a fixed cost per meta-step).
+    """
+    depth = getattr(_quiet, "depth", 0)
+    _quiet.depth = depth + 1
+    try:
+        if depth:
+            yield
+        else:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=FALLBACK_NOTICE, category=UserWarning)
+                yield
+    finally:
+        _quiet.depth = depth
 
 
 # module -> (its walk, {(vectorised, second_order): (routes, batch norms)}): what

@@ -46,8 +46,16 @@ def _unreadable_too(original: Callable[..., bool]) -> Callable[..., bool]:
     return is_tracing
 
 
+def vectorised_masks() -> contextlib.AbstractContextManager[None]:
+    """While inside, transformers builds every attention mask torch.func wraps explicitly
+    (see :func:`_vectorised_masks`); nothing to do where transformers is not imported."""
+    if not any(name in sys.modules for name in MASK_MODULES):
+        return contextlib.nullcontext()
+    return _vectorised_masks()
+
+
 @contextlib.contextmanager
-def vectorised_masks() -> Iterator[None]:
+def _vectorised_masks() -> Iterator[None]:
     """While inside, transformers builds every attention mask torch.func wraps explicitly.
 
     Only modules already imported are touched (fastmeta never imports transformers), and
