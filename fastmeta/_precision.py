@@ -170,6 +170,19 @@ def unscale_and_check(tensors: Sequence[Tensor], inverse: Tensor | None = None) 
     what :class:`torch.amp.GradScaler` runs) checks each entry, so finite tensors whose sum
     would overflow pass; one host sync per device reads the verdict.
     """
+    if inverse is None and tensors:
+        # The common case, floating tensors on one device (any dtypes): one call over the
+        # whole list; integer tensors or several devices make the kernel refuse before it
+        # reads anything, and the grouped path below takes them.
+        device = tensors[0].device
+        found_inf = torch.zeros(1, device=device)
+        try:
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                list(tensors), found_inf, _one(device))
+        except (RuntimeError, NotImplementedError):
+            pass
+        else:
+            return not bool(found_inf)
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     others = []
     for t in tensors:
