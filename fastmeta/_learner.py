@@ -103,29 +103,64 @@ class DivergenceError(FloatingPointError):
         self.inner_step = inner_step
 
 
-@dataclass(frozen=True)
 class MetaStepResult:
     """What :meth:`MetaLearner.meta_step` returns.
 
+    The losses stay where the meta-step computed them until they are read: a step whose
+    result is not looked at copies nothing to the host (on CUDA, no transfer and no wait
+    per step). Each attribute is converted once, on first use.
+
     Attributes:
-        loss: mean query loss over the tasks, after adaptation (the meta-loss).
-        task_losses: ``[tasks]`` query loss of each task after adaptation.
+        loss: mean query loss over the tasks, after adaptation (the meta-loss), a float.
+        task_losses: ``[tasks]`` query loss of each task after adaptation (on the CPU).
         support_losses: ``[tasks, inner_steps]`` inner objective (the support loss) before
-            each inner step.
+            each inner step (on the CPU).
         skipped: with ``precision="fp16"``: the meta-gradient or a loss was not finite
             (a float16 overflow), so the meta-parameters were not updated and the loss
             scale was halved (see :attr:`MetaLearner.precision`).
     """
 
-    loss: float
-    task_losses: Tensor
-    support_losses: Tensor
-    skipped: bool = False
+    __slots__ = ("_loss", "_query", "_task_losses", "_support_losses", "skipped")
+
+    def __init__(self, loss: float | None, task_losses: Tensor, support_losses: Tensor,
+                 skipped: bool = False) -> None:
+        self._loss: float | None = loss  # None: the mean of task_losses where computed
+        self._query: Tensor | None = task_losses
+        self._task_losses = task_losses
+        self._support_losses = support_losses
+        self.skipped = skipped
+
+    @property
+    def loss(self) -> float:
+        if self._loss is None:
+            assert self._query is not None
+            self._loss = float(self._query.mean())
+            self._query = None
+        return self._loss
+
+    @property
+    def task_losses(self) -> Tensor:
+        losses = self._task_losses
+        if losses.device.type != "cpu" or losses.requires_grad:
+            losses = self._task_losses = losses.detach().cpu()
+        return losses
+
+    @property
+    def support_losses(self) -> Tensor:
+        losses = self._support_losses
+        if losses.device.type != "cpu" or losses.requires_grad:
+            losses = self._support_losses = losses.detach().cpu()
+        return losses
 
     @property
     def inner_losses(self) -> Tensor:
         """The former name of :attr:`support_losses`."""
         return self.support_losses
+
+    def __repr__(self) -> str:
+        return (f"MetaStepResult(loss={self.loss:.6g}, task_losses=[{self._task_losses.numel()}"
+                f"], support_losses={list(self._support_losses.shape)}, "
+                f"skipped={self.skipped})")
 
 
 def _unwrap_compiled(model: nn.Module) -> nn.Module:
@@ -691,17 +726,12 @@ class MetaLearner(ExampleShapes):
             if skip:  # a float16 overflow: leave the weights, as GradScaler does
                 self.zero_grad(set_to_none=True)
                 self.meta_steps_taken += 1
-                return MetaStepResult(float(output.query_losses.mean()),
-                                      output.query_losses.detach().cpu(),
-                                      output.support_losses.cpu(), skipped=True)
+                return MetaStepResult(None, output.query_losses.detach(),
+                                      output.support_losses, skipped=True)
         self._check_finite(output)
         optimizer.step()
         self.meta_steps_taken += 1
-        return MetaStepResult(
-            loss=float(output.query_losses.mean()),
-            task_losses=output.query_losses.detach().cpu(),
-            support_losses=output.support_losses.cpu(),
-        )
+        return MetaStepResult(None, output.query_losses.detach(), output.support_losses)
 
     def adapt(
         self, x: Tree, y: Tree | None = None, *, steps: int | None = None
