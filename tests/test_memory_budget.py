@@ -270,3 +270,57 @@ def test_adapt_many_goes_in_chunks_that_fit_the_budget(monkeypatch, steady_proce
     for name, value in expected.params.items():
         torch.testing.assert_close(adapted.params[name], value, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(adapted.support_losses, expected.support_losses)
+
+
+def test_out_of_memory_after_the_decision_moves_on_and_loses_nothing(monkeypatch):
+    # A decided batch shape runs its candidate directly; running out of memory there (a
+    # longer sequence elsewhere in the process, another job on the GPU) undoes the partial
+    # .grad and sends the step back through the tuner, which sets the candidate aside.
+    calls = {"decided": 0, "failed": 0}
+    original = VmapEngine.meta_gradient
+    tasks = [make_task(tasks=6, dtype=torch.float64, seed=s) for s in range(14)]
+    learner = fastmeta.MAML(tiny_mlp(), inner_lr=0.1, inner_steps=2, engine="auto")
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.05)
+
+    def fake_allocator(self, module, task, *args, **kwargs):
+        if learner.meta_steps_taken == 10 and calls["failed"] < 2:
+            for p in module.parameters():
+                p.grad = torch.full_like(p, 1e3)
+            calls["failed"] += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return original(self, module, task, *args, **kwargs)
+
+    for task in tasks[:10]:
+        learner.meta_step(task, optimizer)
+    tuner = learner._engine._tuner
+    key = next(iter(tuner.chosen))
+    chosen = tuner.chosen[key]
+    assert chosen != "loop"  # the vectorised candidates win on 6 tasks of a tiny MLP
+    monkeypatch.setattr(VmapEngine, "meta_gradient", fake_allocator)
+    for task in tasks[10:]:
+        learner.meta_step(task, optimizer)
+    # twice: on the direct path, then once more through the tuner, which set it aside
+    assert calls["failed"] == 2 and chosen in tuner.excluded[key]
+    assert tuner.chosen[key] != chosen and learner.meta_steps_taken == 14
+    reference = fastmeta.MAML(tiny_mlp(), inner_lr=0.1, inner_steps=2, engine="loop")
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
+    for task in tasks:
+        reference.meta_step(task, reference_optimizer)
+    for a, b in zip(learner.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_decided_batch_shape_skips_the_plan_and_the_tuner(monkeypatch):
+    learner = fastmeta.MAML(tiny_mlp(), inner_lr=0.1, inner_steps=2, engine="auto")
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.05)
+    for seed in range(10):
+        learner.meta_step(make_task(tasks=6, seed=seed), optimizer)
+    assert learner._engine._tuner.chosen
+    planned = []
+    monkeypatch.setattr(type(learner._engine), "_plan_memory",
+                        lambda *args, **kwargs: planned.append(1))
+    learner.meta_step(make_task(tasks=6, seed=11), optimizer)
+    assert planned == []
+    with pytest.raises(AttributeError):  # another shape takes the full path (the fake)
+        learner.meta_step(make_task(tasks=6, shots=7, seed=12), optimizer)
+    assert planned == [1]

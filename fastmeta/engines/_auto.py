@@ -249,6 +249,10 @@ class AutoEngine(Engine):
         self._untuned: dict[Key, str] = {}
         # batch shape -> (candidates within the budget, the labels over it)
         self._plans: dict[Key, tuple[list[tuple[str, Engine]], list[str]]] = {}
+        # batch shape -> the candidate decided for it, called directly on later meta-steps
+        # (no plan, no tuner, no peak reading); out of memory sends the shape back through
+        # the full path, which moves on to a smaller candidate
+        self._steady: dict[Key, Engine] = {}
         self._out_of_memory: list[str] = []  # outside a memory record (adapt, per-task)
         self._adapt_chunks: dict[Key, int | None] = {}
         self._baseline: int | None = None  # memory in use at the first call
@@ -482,6 +486,18 @@ class AutoEngine(Engine):
                             outer: OuterObjective, *, order: MetaGrad) -> MetaLosses:
         """The vectorised engine's meta-step within the memory budget (tuned if asked)."""
         key = self._latest_key = shape_key(task)
+        steady = self._steady.get(key)
+        if steady is not None:
+            tensors = list((self.grads_of or module.parameters)())
+            snapshot = GradSnapshot(tensors)
+            try:
+                return steady.meta_gradient(module, task, loop, outer, order=order)
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise  # decided: the error is the input's, as on the path below
+                snapshot.restore()
+                release_memory(tensors[0].device if tensors else _device_of(module))
+                del self._steady[key]  # the path below runs it again and moves on from it
         self._note_baseline()
         record = self._plan_memory(key, module, task, loop, outer, order)
         if key not in self._plans or not record.footprint:
@@ -522,6 +538,8 @@ class AutoEngine(Engine):
         if tuner is None or not (self.tune or tuner.chosen):
             label, losses = run(largest[0])
             self._untuned[key] = label
+            if label == largest[0]:  # it ran within the budget: so it runs from now on
+                self._steady[key] = largest[1]
             return losses
         if tuner.candidates_for(key) is tuner.candidates and key not in tuner.chosen:
             tuner.plan(key, candidates, excluded)
@@ -541,6 +559,8 @@ class AutoEngine(Engine):
                 record.out_of_memory.append(label)
 
         _, losses = tuner.run(key, call, twin, self._undo(module, tensors), set_aside)
+        if key in tuner.chosen:  # decided: the chosen candidate runs from now on
+            self._steady[key] = dict(candidates)[tuner.chosen[key]]
         return losses
 
     def _undo(self, module: nn.Module, tensors: list[Tensor] | None = None
