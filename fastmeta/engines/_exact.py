@@ -311,20 +311,31 @@ FALLBACK_NOTICE = "There is a performance drop because we have not yet implement
 
 
 _quiet = threading.local()  # .depth: quiet_batching_fallbacks blocks open on this thread
+# torch.func's switch for the notice (a C++ flag: setting it costs well under a
+# microsecond, where a warnings filter costs tens per block and resets the warnings
+# module's caches); torch has no getter, and its default is on.
+_set_notice = getattr(getattr(torch._C, "_functorch", None), "_set_vmap_fallback_warning_enabled",
+                      None)
 
 
 @contextlib.contextmanager
 def quiet_batching_fallbacks() -> Iterator[None]:
     """Run the block without torch's per-call notice about vmap's slow, exact fallback.
 
-    A block inside another one adds no filter of its own (each filter change resets the
-    warnings module's caches, a fixed cost per meta-step).
+    The notice is switched off for the block and back on (torch's default) after the
+    outermost one; where torch lacks the switch, a warnings filter hides it instead.
     """
     depth = getattr(_quiet, "depth", 0)
     _quiet.depth = depth + 1
     try:
         if depth:
             yield
+        elif _set_notice is not None:
+            _set_notice(False)
+            try:
+                yield
+            finally:
+                _set_notice(True)
         else:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=FALLBACK_NOTICE, category=UserWarning)

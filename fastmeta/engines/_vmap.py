@@ -204,7 +204,8 @@ class VmapEngine(Engine):
     def __init__(self, *, compile: bool = False, chunk_size: int | None = None) -> None:
         self.compile = compile
         self.chunk_size = chunk_size
-        # configuration -> (the compiled function, whether it runs on CUDA graphs)
+        # (configuration, layout of the inputs) -> (the compiled function, whether it runs
+        # on CUDA graphs)
         self._compiled: dict[tuple[Any, ...], tuple[Callable[..., Any], bool]] = {}
         self._settings: dict[int, tuple[Any, str]] = {}
 
@@ -283,6 +284,11 @@ class VmapEngine(Engine):
                         ) -> Callable[..., Any]:
         """``fn``, compiled once per configuration when ``compile=True``.
 
+        ``fn`` takes ``(trainable, frozen, buffers, task, batch_indices)``; the compiled
+        function takes their tensors as flat positional arguments (the names and the
+        task's structure are part of what it was compiled for), so that its guards check
+        tensors only, as for a hand-written ``torch.compile``d function.
+
         On CUDA with ``mode="reduce-overhead"``: CUDA graphs replay the whole step's
         kernels with one launch, where launching them one by one costs more than the
         arithmetic of a small model.
@@ -296,26 +302,34 @@ class VmapEngine(Engine):
         key = (id(module), loop.adapted, loop.steps, loop.optimizer.name, known[1],
                loop.objective, loop.rates, loop.step_params, loop.batch_indices is None,
                outer, order, kind)
-        found = self._compiled.get(key)
+        return partial(self._call_compiled, key, fn, module)
+
+    def _call_compiled(self, key: tuple[Any, ...], eager: Callable[..., Any],
+                       module: nn.Module, trainable: Params, frozen: Params, buffers: Params,
+                       task: TaskBatch, batch_indices: Tensor | None) -> Any:
+        if batch_indices is None and all(type(t) is Tensor or t is None for t in task):
+            flat: list[Any] = [t for t in task if t is not None]
+            spec: Any = tuple(t is None for t in task)  # the common case, without pytree
+        else:
+            flat, spec = torch.utils._pytree.tree_flatten((task, batch_indices))
+        layout = (tuple(trainable), tuple(frozen), tuple(buffers), spec)
+        found = self._compiled.get((key, layout))
         if found is None:
             cuda = structure(module).named_parameters()[0][1].is_cuda
-            found = self._compiled[key] = (
-                torch.compile(fn, mode="reduce-overhead" if cuda else None), cuda)
-        return partial(self._call_compiled, found[0], fn, found[1])
-
-    def _call_compiled(
-        self, compiled: Callable[..., Any], eager: Callable[..., Any], cuda: bool, *args: Any
-    ) -> Any:
+            found = self._compiled[(key, layout)] = (
+                torch.compile(_from_flat(eager, layout),
+                              mode="reduce-overhead" if cuda else None), cuda)
+        compiled, cuda = found
         try:
             if cuda:  # a new step: the CUDA graphs may reuse the last step's output memory
                 torch.compiler.cudagraph_mark_step_begin()
-            return compiled(*args)
+            return compiled(*trainable.values(), *frozen.values(), *buffers.values(), *flat)
         except torch.OutOfMemoryError:
             raise
         except Exception as error:
             # Run eagerly: if that fails too, the input is at fault and its error is the
             # one to see (compiling stays on); if it succeeds, the compiler failed.
-            result = eager(*args)
+            result = eager(trainable, frozen, buffers, task, batch_indices)
             self.compile = False
             self._compiled.clear()
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -327,6 +341,27 @@ class VmapEngine(Engine):
                 stacklevel=5,
             )
             return result
+
+
+def _from_flat(fn: Callable[..., Any], layout: tuple[Any, ...]) -> Callable[..., Any]:
+    """``fn(trainable, frozen, buffers, task, batch_indices)`` as a function of their
+    tensors in a flat sequence, laid out as ``layout`` says."""
+    trainable_names, frozen_names, buffer_names, spec = layout
+    ends = (len(trainable_names), len(trainable_names) + len(frozen_names),
+            len(trainable_names) + len(frozen_names) + len(buffer_names))
+
+    def flat_fn(*tensors: Tensor) -> Any:
+        trainable = dict(zip(trainable_names, tensors[:ends[0]]))
+        frozen = dict(zip(frozen_names, tensors[ends[0]:ends[1]]))
+        buffers = dict(zip(buffer_names, tensors[ends[1]:ends[2]]))
+        rest = iter(tensors[ends[2]:])
+        if isinstance(spec, tuple):  # which parts of a TaskBatch of tensors are None
+            task = TaskBatch(*(None if absent else next(rest) for absent in spec))
+            return fn(trainable, frozen, buffers, task, None)
+        task, indices = torch.utils._pytree.tree_unflatten(list(rest), spec)
+        return fn(trainable, frozen, buffers, task, indices)
+
+    return flat_fn
 
 
 __all__ = ["VmapEngine"]
