@@ -140,17 +140,13 @@ class MetaStepResult:
 
     @property
     def task_losses(self) -> Tensor:
-        losses = self._task_losses
-        if losses.device.type != "cpu" or losses.requires_grad:
-            losses = self._task_losses = losses.detach().cpu()
-        return losses
+        self._task_losses = _on_host(self._task_losses)
+        return self._task_losses
 
     @property
     def support_losses(self) -> Tensor:
-        losses = self._support_losses
-        if losses.device.type != "cpu" or losses.requires_grad:
-            losses = self._support_losses = losses.detach().cpu()
-        return losses
+        self._support_losses = _on_host(self._support_losses)
+        return self._support_losses
 
     @property
     def inner_losses(self) -> Tensor:
@@ -161,6 +157,13 @@ class MetaStepResult:
         return (f"MetaStepResult(loss={self.loss:.6g}, task_losses=[{self._task_losses.numel()}"
                 f"], support_losses={list(self._support_losses.shape)}, "
                 f"skipped={self.skipped})")
+
+
+def _on_host(losses: Tensor) -> Tensor:
+    """``losses`` detached and on the CPU (the same tensor where it already is)."""
+    if losses.device.type != "cpu" or losses.requires_grad:
+        return losses.detach().cpu()
+    return losses
 
 
 def _unwrap_compiled(model: nn.Module) -> nn.Module:

@@ -313,3 +313,18 @@ def test_a_change_of_example_shape_or_mode_checks_the_batch_again(monkeypatch):
     assert len(checked) == 3
     learner.prepare(task)
     assert len(checked) == 3
+
+
+def test_a_meta_step_result_reads_its_losses_when_asked():
+    learner = fastmeta.MAML(nn.Sequential(nn.Linear(1, 3), nn.Linear(3, 1)), inner_lr=0.1,
+                            inner_steps=2, loss_fn="mse")
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.0)
+    task = make_task(tasks=3)
+    result = learner.meta_step(task, optimizer)
+    expected = learner.meta_loss(task).detach()
+    assert isinstance(result.loss, float) and result.loss == pytest.approx(float(expected))
+    assert result.task_losses.shape == (3,) and result.task_losses.device.type == "cpu"
+    assert result.loss == pytest.approx(float(result.task_losses.mean()))
+    assert result.support_losses.shape == (3, 2) and not result.support_losses.requires_grad
+    assert result.inner_losses is result.support_losses and not result.skipped
+    assert repr(result).startswith(f"MetaStepResult(loss={result.loss:.6g}, task_losses=[3]")
