@@ -324,3 +324,16 @@ def test_a_decided_batch_shape_skips_the_plan_and_the_tuner(monkeypatch):
     with pytest.raises(AttributeError):  # another shape takes the full path (the fake)
         learner.meta_step(make_task(tasks=6, shots=7, seed=12), optimizer)
     assert planned == [1]
+
+
+def test_turning_tuning_on_after_an_untuned_start_tunes():
+    learner = fastmeta.MAML(tiny_mlp(), inner_lr=0.1, inner_steps=2, engine="auto")
+    learner.engine_tuning = False
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.05)
+    for seed in range(3):
+        learner.meta_step(make_task(tasks=6, seed=seed), optimizer)
+    assert learner._engine._tuner is None or not learner._engine._tuner.chosen
+    learner.engine_tuning = True
+    for seed in range(3, 14):
+        learner.meta_step(make_task(tasks=6, seed=seed), optimizer)
+    assert learner._engine._tuner.chosen and learner.engine_decision.timings

@@ -307,6 +307,16 @@ class AutoEngine(Engine):
             predicted_peaks=dict(memory.predicted) if memory else None,
             measured_peaks=dict(memory.measured) if memory else None, out_of_memory=failures)
 
+    @property
+    def tune(self) -> bool:
+        """Whether the vectorised engine's candidates are timed per batch shape."""
+        return self._tune
+
+    @tune.setter
+    def tune(self, enabled: bool) -> None:
+        self._tune = bool(enabled)
+        self._steady.clear()  # the next meta-step of each shape takes the full path again
+
     def _tuning(self) -> bool:
         if not self.tune:
             return False
