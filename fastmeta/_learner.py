@@ -728,12 +728,12 @@ class MetaLearner(ExampleShapes):
             output, skip = scaler.unscale(grads, output)
             if skip:  # a float16 overflow: leave the weights, as GradScaler does
                 self.zero_grad(set_to_none=True)
-                self.meta_steps_taken += 1
+                self._count_step()
                 return MetaStepResult(None, output.query_losses.detach(),
                                       output.support_losses, skipped=True)
         self._check_finite(output)
         optimizer.step()
-        self.meta_steps_taken += 1
+        self._count_step()
         return MetaStepResult(None, output.query_losses.detach(), output.support_losses)
 
     def adapt(
@@ -831,6 +831,11 @@ class MetaLearner(ExampleShapes):
 
     # ------------------------------------------------------------------ checks
 
+    def _count_step(self) -> None:
+        # A plain int attribute: nn.Module.__setattr__'s search of the parameters, buffers
+        # and submodules for the name is a fixed cost per step that changes nothing here.
+        self.__dict__["meta_steps_taken"] = self.meta_steps_taken + 1
+
     def _check_optimizer(self, optimizer: object) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -868,10 +873,13 @@ class MetaLearner(ExampleShapes):
     def _check_finite(self, output: MetaLosses) -> None:
         """Raise :class:`DivergenceError` (clearing ``.grad``) if anything is not finite."""
         meta_step = self.meta_steps_taken + 1
+        grads = [p.grad for _, p in structure(self).named_parameters()]
+        grads.append(output.support_losses)
+        grads.append(output.query_losses.detach())
+        if unscale_and_check([g for g in grads if g is not None]):
+            return  # one fused check and one device sync in the common case
         named = [(n, p.grad) for n, p in structure(self).named_parameters()
                  if p.grad is not None]
-        if _all_finite([g for _, g in named], output):
-            return  # one fused check and one device sync in the common case
         bad_grads = [name for name, g in named if not torch.isfinite(g).all()]
         finite_support = torch.isfinite(output.support_losses)
         finite_query = torch.isfinite(output.query_losses)
@@ -917,9 +925,3 @@ class MetaLearner(ExampleShapes):
             task=None,
             inner_step=None,
         )
-
-
-def _all_finite(grads: list[Tensor], output: MetaLosses) -> bool:
-    """Whether every gradient and loss is finite: one fused check per device and dtype and
-    one device sync (see :func:`fastmeta._precision.unscale_and_check`)."""
-    return unscale_and_check([*grads, output.support_losses, output.query_losses.detach()])

@@ -189,6 +189,8 @@ class Tuner:
 
     def ready(self) -> list[Key]:
         """Batch shapes measured but not decided yet."""
+        if len(self.chosen) >= len(self._calls):  # every shape seen is decided: asked per step
+            return []
         return [k for k, n in self._calls.items() if n >= self.steps and k not in self.chosen]
 
     def decide(self, agree: Callable[[list[float]], list[float]] | None = None) -> None:
