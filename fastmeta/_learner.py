@@ -518,14 +518,11 @@ class MetaLearner(ExampleShapes):
         """
         reference = self._reference()
         plain = plain_task(batch)
-        if plain is not None:
-            # The same shapes as a batch that needed no move nor cast: nothing to redo
-            # but the label check, and no new TaskBatch.
-            unchanged = (shapes_of(plain), reference.dtype, reference.device,
-                         self.module.training, id(self.loss_fn), self._example_shapes)
-            if unchanged == self._unchanged:
-                self._check_labels(plain)
-                return plain
+        # The same shapes as a batch that needed no move nor cast: nothing to redo but the
+        # label check, and no new TaskBatch.
+        if plain is not None and self._unchanged_key(plain, reference) == self._unchanged:
+            self._check_labels(plain)
+            return plain
         task = to_model(as_task(batch), reference)
         # A batch of plain tensors like the last one needs no new check but of its labels.
         key = shapes_of(task)
@@ -542,9 +539,13 @@ class MetaLearner(ExampleShapes):
             self._check_labels(task)
         self._unchanged = None
         if plain is not None and all(a is b for a, b in zip(task, plain)):
-            self._unchanged = (shapes_of(plain), reference.dtype, reference.device,
-                               self.module.training, id(self.loss_fn), self._example_shapes)
+            self._unchanged = self._unchanged_key(plain, reference)
         return task
+
+    def _unchanged_key(self, plain: TaskBatch, reference: Tensor) -> tuple[Any, ...]:
+        """What a batch returned as given must share with the next to skip its checks."""
+        return (shapes_of(plain), reference.dtype, reference.device, self.module.training,
+                id(self.loss_fn), self._example_shapes)
 
     def _check_labels(self, task: TaskBatch) -> None:
         """Class labels are read on every batch: their values change, their shapes do not."""
