@@ -42,3 +42,25 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch):
         first = learner.meta_step(make_task(), optimizer)
     second = learner.meta_step(make_task(), optimizer)  # no second warning
     assert first.loss == second.loss
+
+
+def test_outputs_of_cuda_graphs_are_copied_before_the_next_replay(monkeypatch):
+    # With mode="reduce-overhead" the next replay overwrites the compiled function's
+    # outputs; the losses a MetaStepResult keeps must be copies. (No GPU here: a stand-in
+    # compiled function, marked as running on CUDA graphs, returns tensors it owns.)
+    from fastmeta.engines._vmap import VmapEngine
+
+    owned = [torch.tensor(1.0, requires_grad=True) * 2, torch.zeros(3), torch.ones(3, 1)]
+    engine = VmapEngine(compile=True)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+    model = torch.nn.Linear(1, 1)
+    task = make_task(tasks=3)
+    call = engine._maybe_compiled(lambda *args: tuple(owned), model, fastmeta.MAML(
+        model, inner_lr=0.1).inner_loop(task, 1), None, None, "mean")  # type: ignore[arg-type]
+    trainable = dict(model.named_parameters())
+    layout = (tuple(trainable), (), (), (False, False, False, False))
+    engine._compiled[(call.args[0], layout)] = (lambda *tensors: tuple(owned), True)
+    mean, query, support = call(trainable, {}, {}, task, None)
+    assert all(a is not b for a, b in zip((mean, query, support), owned))
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip((mean, query, support), owned))
+    assert mean.requires_grad and torch.equal(query, owned[1])

@@ -323,7 +323,10 @@ class VmapEngine(Engine):
         try:
             if cuda:  # a new step: the CUDA graphs may reuse the last step's output memory
                 torch.compiler.cudagraph_mark_step_begin()
-            return compiled(*trainable.values(), *frozen.values(), *buffers.values(), *flat)
+            result = compiled(*trainable.values(), *frozen.values(), *buffers.values(), *flat)
+            if cuda:  # the losses outlive the next replay (a MetaStepResult holds them)
+                result = _own_losses(result)
+            return result
         except torch.OutOfMemoryError:
             raise
         except Exception as error:
@@ -341,6 +344,13 @@ class VmapEngine(Engine):
                 stacklevel=5,
             )
             return result
+
+
+def _own_losses(result: Any) -> Any:
+    """``result`` with its tensors copied out of the CUDA graphs' memory, which the next
+    replay overwrites (the losses outlive it in a ``MetaStepResult``); ``clone`` keeps
+    the gradient path of those that have one."""
+    return torch.utils._pytree.tree_map_only(Tensor, torch.clone, result)
 
 
 def _from_flat(fn: Callable[..., Any], layout: tuple[Any, ...]) -> Callable[..., Any]:
