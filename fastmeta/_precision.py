@@ -166,9 +166,10 @@ def unscale_and_check(tensors: Sequence[Tensor], inverse: Tensor | None = None) 
     """Multiply ``tensors`` in place by ``inverse`` (if given) and say whether every entry
     of every one is finite.
 
-    One fused call per device and dtype (``torch._amp_foreach_non_finite_check_and_unscale_``,
-    what :class:`torch.amp.GradScaler` runs) checks each entry, so finite tensors whose sum
-    would overflow pass; one host sync per device reads the verdict.
+    A fused call (``torch._amp_foreach_non_finite_check_and_unscale_``, what
+    :class:`torch.amp.GradScaler` runs) checks each entry, so finite tensors whose sum
+    would overflow pass: one over the whole list where the kernel takes it, otherwise one
+    per device and dtype; one host sync per device reads the verdict.
     """
     if inverse is None and tensors:
         # The common case, floating tensors on one device (any dtypes): one call over the

@@ -145,8 +145,8 @@ def plain_task(batch: Any) -> TaskBatch | None:
     if isinstance(batch, TaskBatch):
         task = batch
     elif type(batch) is dict and len(batch) == 2:
-        support = batch.get("train", batch.get("support"))
-        query = batch.get("test", batch.get("query"))
+        support = next((batch[key] for key in _SUPPORT_KEYS if key in batch), None)
+        query = next((batch[key] for key in _QUERY_KEYS if key in batch), None)
         if not (isinstance(support, list | tuple) and isinstance(query, list | tuple)
                 and len(support) == 2 and len(query) == 2):
             return None

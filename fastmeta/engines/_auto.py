@@ -498,15 +498,13 @@ class AutoEngine(Engine):
         key = self._latest_key = shape_key(task)
         steady = self._steady.get(key)
         if steady is not None:
-            tensors = list((self.grads_of or module.parameters)())
-            snapshot = GradSnapshot(tensors)
+            undo = self._undo(module)
             try:
                 return steady.meta_gradient(module, task, loop, outer, order=order)
             except Exception as error:
                 if not is_out_of_memory(error):
                     raise  # decided: the error is the input's, as on the path below
-                snapshot.restore()
-                release_memory(tensors[0].device if tensors else _device_of(module))
+                undo()
                 del self._steady[key]  # the path below runs it again and moves on from it
         self._note_baseline()
         record = self._plan_memory(key, module, task, loop, outer, order)
@@ -516,7 +514,7 @@ class AutoEngine(Engine):
         allowed = [c for c in candidates
                    if c[0] not in excluded and c[0] not in record.out_of_memory] or candidates[:1]
         # The tensors whose .grad a broken-off step must restore, walked once per step.
-        tensors = list((self.grads_of or module.parameters)())
+        tensors = self._grad_tensors(module)
         device = tensors[0].device if tensors else _device_of(module)
 
         def grads() -> list[Tensor]:
@@ -573,12 +571,16 @@ class AutoEngine(Engine):
             self._steady[key] = dict(candidates)[tuner.chosen[key]]
         return losses
 
+    def _grad_tensors(self, module: nn.Module) -> list[Tensor]:
+        """The tensors whose ``.grad`` a broken-off meta-step must restore."""
+        return list((self.grads_of or module.parameters)())
+
     def _undo(self, module: nn.Module, tensors: list[Tensor] | None = None
               ) -> Callable[[], None]:
         """What undoes a meta-step that broke off: the ``.grad`` it may have written, and
         the memory it left (``tensors``: the learner's parameters, if already listed)."""
         if tensors is None:
-            tensors = list((self.grads_of or module.parameters)())
+            tensors = self._grad_tensors(module)
         snapshot = GradSnapshot(tensors)
         device = tensors[0].device if tensors else _device_of(module)
 
