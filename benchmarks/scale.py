@@ -58,6 +58,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -398,31 +399,34 @@ def peak_memory(name: str, impl: str, tasks: int, args: argparse.Namespace,
 
 # --overhead: fastmeta's fixed costs against hand-written torch.func code on the sine MLP,
 # where a meta-step is mostly fixed cost (the arithmetic is about 17 MFLOP).
-OVERHEAD_ROWS = ("hand-vmap", "default", "hand-vmap compiled", "compile=True")
+OVERHEAD_ROWS = ("hand-vmap", "default", "hand-vmap compiled", "compile=True",
+                 "hand-grad compiled")
 
 
 def overhead_rows(steps: int, device: str) -> dict[str, Callable[[fastmeta.TaskBatch], None]]:
-    """The four rows of ``--overhead`` at ``steps`` inner steps: each a whole meta-iteration
+    """The rows of ``--overhead`` at ``steps`` inner steps: each a whole meta-iteration
     with an outer Adam step (learning rate 0, so every round sees the same model).
 
     ``hand-vmap``: :func:`hand_vmap_step`; ``default``: ``fastmeta.MAML`` as constructed by
     default; ``hand-vmap compiled``: the same hand-written meta-loss (``grad`` in ``vmap``,
     then the mean) under ``torch.compile``, the backward and Adam outside; ``compile=True``:
-    ``fastmeta.MAML(compile=True)``.
+    ``fastmeta.MAML(compile=True)``; ``hand-grad compiled``: the hand-written meta-loss's
+    gradient taken by ``torch.func.grad`` inside the compiled function, as
+    ``compile=True`` does, Adam outside.
     """
     config = CONFIGS["sine"]
     config = Config(config.model, config.batch, 25, 25, config.inner_lr, steps, "mse")
     loss = _loss(config)
     rows: dict[str, Callable[[fastmeta.TaskBatch], None]] = {}
 
-    def hand(compiled: bool) -> Callable[[fastmeta.TaskBatch], None]:
+    def hand(compiled: bool, in_graph: bool = False) -> Callable[[fastmeta.TaskBatch], None]:
         torch.manual_seed(0)
         model = config.model().to(device)
         params = dict(model.named_parameters())
 
-        def one(sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor
-                ) -> torch.Tensor:
-            fast = params
+        def one(initial: dict[str, torch.Tensor], sx: torch.Tensor, sy: torch.Tensor,
+                qx: torch.Tensor, qy: torch.Tensor) -> torch.Tensor:
+            fast = initial
             for _ in range(steps):
                 grads = torch.func.grad(
                     lambda f: loss(functional_call(model, f, (sx,)), sy))(fast)
@@ -430,15 +434,30 @@ def overhead_rows(steps: int, device: str) -> dict[str, Callable[[fastmeta.TaskB
             return loss(functional_call(model, fast, (qx,)), qy)
 
         def meta_loss(*task: torch.Tensor) -> torch.Tensor:
-            return torch.func.vmap(one)(*task).mean()
+            return torch.func.vmap(partial(one, params))(*task).mean()
 
-        run = torch.compile(meta_loss) if compiled else meta_loss
+        def meta_loss_of(initial: dict[str, torch.Tensor], *task: torch.Tensor
+                         ) -> torch.Tensor:
+            return torch.func.vmap(partial(one, initial))(*task).mean()
+
         optimizer = torch.optim.Adam(model.parameters(), lr=0.0)
+        if in_graph:
+            gradient = torch.compile(torch.func.grad(meta_loss_of))
 
-        def step(task: fastmeta.TaskBatch) -> None:
-            optimizer.zero_grad(set_to_none=True)
-            run(*task).backward()
-            optimizer.step()
+            def step(task: fastmeta.TaskBatch) -> None:
+                optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    grads = gradient(params, *task)
+                for name, p in params.items():
+                    p.grad = grads[name]
+                optimizer.step()
+        else:
+            run = torch.compile(meta_loss) if compiled else meta_loss
+
+            def step(task: fastmeta.TaskBatch) -> None:
+                optimizer.zero_grad(set_to_none=True)
+                run(*task).backward()
+                optimizer.step()
 
         step.grads = lambda: [p.grad for p in model.parameters()]  # type: ignore[attr-defined]
         return step
@@ -458,6 +477,7 @@ def overhead_rows(steps: int, device: str) -> dict[str, Callable[[fastmeta.TaskB
 
     rows["hand-vmap"], rows["default"] = hand(False), ours(False)
     rows["hand-vmap compiled"], rows["compile=True"] = hand(True), ours(True)
+    rows["hand-grad compiled"] = hand(True, in_graph=True)
     return rows
 
 
@@ -496,6 +516,7 @@ def overhead(steps: int, rounds: int, device: str) -> dict[str, Any]:
         "p20_ms": {n: 1e3 * sorted(v)[len(v) // 5] for n, v in samples.items()},
         "default_vs_hand": ratio("default", "hand-vmap"),
         "compiled_vs_hand": ratio("compile=True", "hand-vmap compiled"),
+        "compiled_vs_hand_grad": ratio("compile=True", "hand-grad compiled"),
         "samples": samples,
     }
 
@@ -505,13 +526,13 @@ def print_overhead(results: list[dict[str, Any]]) -> None:
           "(20th percentile); ratio: median over rounds of hand-written time / fastmeta's "
           "(>= 1: fastmeta at least as fast)\n")
     print("| inner steps | " + " | ".join(OVERHEAD_ROWS) + " | default vs hand-vmap "
-          "| compile=True vs hand-vmap compiled |")
-    print("|---" * (len(OVERHEAD_ROWS) + 3) + "|")
+          "| compile=True vs hand-vmap compiled | compile=True vs hand-grad compiled |")
+    print("|---" * (len(OVERHEAD_ROWS) + 4) + "|")
     for result in results:
         cells = [f"{result['median_ms'][n]:.2f} ({result['p20_ms'][n]:.2f})"
                  for n in OVERHEAD_ROWS]
         print(f"| {result['steps']} | {' | '.join(cells)} | {result['default_vs_hand']:.2f}× "
-              f"| {result['compiled_vs_hand']:.2f}× |")
+              f"| {result['compiled_vs_hand']:.2f}× | {result['compiled_vs_hand_grad']:.2f}× |")
     print()
     for result in results:
         for key, label in (("default_vs_hand", "eager default vs the hand-written vmap loop"),

@@ -43,7 +43,8 @@ def test_overhead_rows_eager_compute_the_same_meta_gradient(steps):
 @pytest.mark.slow
 def test_overhead_rows_compiled_compute_the_same_meta_gradient():
     rows = _scale().overhead_rows(1, "cpu")
-    grads = _gradients(rows, ("hand-vmap", "hand-vmap compiled", "compile=True"))
-    for name in ("hand-vmap compiled", "compile=True"):
+    compiled = ("hand-vmap compiled", "compile=True", "hand-grad compiled")
+    grads = _gradients(rows, ("hand-vmap", *compiled))
+    for name in compiled:
         for ours, hand in zip(grads[name], grads["hand-vmap"]):
             torch.testing.assert_close(ours, hand, rtol=1e-5, atol=1e-6)

@@ -4,9 +4,105 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import fastmeta
-from tests.conftest import make_task
+from tests.conftest import make_task, tiny_mlp
+
+
+class _WithUnused(nn.Module):
+    """A tanh MLP with a parameter that its forward never reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_mlp()
+        self.unused = nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _batch_norm_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(1, 8), nn.BatchNorm1d(8), nn.Tanh(),
+                         nn.Linear(8, 1)).double()
+
+
+def _frozen_body() -> nn.Module:
+    model = tiny_mlp()
+    model[0].requires_grad_(False)
+    return model
+
+
+# (learner, whether its compiled meta-gradient is differentiated in the compiled graph)
+COMPILED_CASES = {
+    "maml": (lambda engine, compile_: fastmeta.MAML(
+        tiny_mlp(), inner_lr=0.1, inner_steps=2, engine=engine, compile=compile_), True),
+    "fomaml": (lambda engine, compile_: fastmeta.MAML(
+        tiny_mlp(), inner_lr=0.1, inner_steps=2, first_order=True, engine=engine,
+        compile=compile_), True),
+    "anil": (lambda engine, compile_: fastmeta.ANIL(
+        tiny_mlp(), head="4", inner_lr=0.1, inner_steps=2, engine=engine,
+        compile=compile_), True),
+    "unused parameter": (lambda engine, compile_: fastmeta.MAML(
+        _WithUnused(), inner_lr=0.1, engine=engine, compile=compile_), True),
+    "frozen layer": (lambda engine, compile_: fastmeta.MAML(
+        _frozen_body(), inner_lr=0.1, engine=engine, compile=compile_), True),
+    "batch norm": (lambda engine, compile_: fastmeta.MAML(
+        _batch_norm_net(), inner_lr=0.1, engine=engine, compile=compile_), True),
+    "daml, a fixed inner loss": (lambda engine, compile_: fastmeta.DAML(
+        tiny_mlp(), adaptation_loss=lambda out: (out**2).mean(), inner_lr=0.1,
+        engine=engine, compile=compile_), True),
+    # learned inner learning rates: autograd's backward writes their meta-gradient
+    "meta-sgd": (lambda engine, compile_: fastmeta.MetaSGD(
+        tiny_mlp(), inner_lr=0.1, engine=engine, compile=compile_), False),
+    "maml++": (lambda engine, compile_: fastmeta.MAMLPlusPlus(
+        tiny_mlp(), inner_lr=0.1, inner_steps=2, multi_step_loss=False, engine=engine,
+        compile=compile_), False),
+}
+
+
+# In the default run: one case in the compiled graph, one that reaches a parameter only
+# some of the way, one differentiated by backward; the rest are slow (each compiles anew).
+DEFAULT_CASES = ("maml", "unused parameter", "meta-sgd")
+
+
+@pytest.mark.parametrize("case", [
+    case if case in DEFAULT_CASES else pytest.param(case, marks=pytest.mark.slow)
+    for case in COMPILED_CASES])
+def test_compiled_meta_gradient_equals_the_per_task_loop(case):
+    # float64: the compiled step's meta-gradient (None for what it does not reach), its
+    # losses, and the gradients it adds to .grad, against the per-task loop's.
+    build, in_graph = COMPILED_CASES[case]
+    # torch.compile stops compiling a function after a few configurations in one process
+    # (torch._dynamo.config.recompile_limit) and runs it uncompiled: start afresh.
+    torch._dynamo.reset()
+    task = make_task(tasks=4, shots=6, query=5, dtype=torch.float64)
+    results = []
+    for engine, compile_ in (("loop", False), ("vmap", True)):
+        learner = build(engine, compile_)
+        optimizer = torch.optim.SGD(learner.parameters(), lr=0.0)
+        for _ in range(2):  # the second call runs the compiled function found on the first
+            result = learner.meta_step(task, optimizer)
+        grads = {n: None if p.grad is None else p.grad.clone()
+                 for n, p in learner.named_parameters()}
+        learner.meta_gradient(learner.prepare(task))  # adds to .grad, as backward does
+        added = {n: None if p.grad is None else p.grad.clone()
+                 for n, p in learner.named_parameters()}
+        results.append((grads, added, result.task_losses))
+    if compile_:
+        assert learner._engine.compile  # compiled, not fallen back
+        vmap = learner._engine._vmap if hasattr(learner._engine, "_vmap") else learner._engine
+        assert [r is not None for r in vmap._reached.values()] == [in_graph]
+    (loop_grads, loop_added, loop_losses), (grads, added, losses) = results
+    for name, reference in loop_grads.items():
+        if reference is None:
+            assert grads[name] is None and added[name] is None, name
+            continue
+        torch.testing.assert_close(grads[name], reference, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(added[name], loop_added[name], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(added[name], 2 * reference, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(losses, loop_losses, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.slow
