@@ -1,7 +1,5 @@
 """``python -m fastmeta``: the same as the ``fastmeta`` console script."""
 
-import sys
+from fastmeta.cli import run
 
-from fastmeta.cli import main
-
-sys.exit(main())
+run()

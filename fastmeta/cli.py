@@ -17,6 +17,7 @@ The flags of each ``bench`` command are generated from its configuration datacla
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +28,8 @@ import torch
 from . import __version__
 
 EXIT_FAILED = 1
+# Set once this process has torn down a torch.distributed process group (see run()).
+_left_a_process_group = False
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -265,6 +268,8 @@ def _bench(args: argparse.Namespace) -> int:
             if finished:
                 torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+            global _left_a_process_group
+            _left_a_process_group = True
     if main_process:
         written = ["results.json", "results.md", *results.get("figures", [])]
         print("wrote " + ", ".join(str(args.out / name) for name in written))
@@ -302,5 +307,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"fastmeta: error: {error}\n")
 
 
+def run() -> NoReturn:
+    """The ``fastmeta`` console script and ``python -m fastmeta``: :func:`main`, then exit.
+
+    A process that ran in a ``torch.distributed`` job leaves with ``os._exit`` once its
+    output is flushed: with gloo, the interpreter's own finalization after
+    ``destroy_process_group()`` aborted a rank now and then ("terminate called without an
+    active exception", SIGABRT) when everything had been written.
+    """
+    code = main()
+    if _left_a_process_group:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

@@ -269,3 +269,26 @@ def test_sigterm_stops_both_ranks_together_and_resume_equals_an_uninterrupted_ru
     assert results[0]["training"]["loss_curve"] == results[1]["training"]["loss_curve"]
     assert results[0]["evaluation"] == results[1]["evaluation"]
 
+
+
+def test_the_console_script_leaves_a_distributed_run_with_os_exit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # After destroy_process_group, gloo could abort a rank during the interpreter's
+    # finalization; a process that ran in a job skips it (its output flushed first).
+    from fastmeta import cli
+
+    exits: list[int] = []
+
+    def fake_exit(code: int) -> None:
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    with pytest.raises(SystemExit) as plain:
+        cli.run()
+    assert plain.value.code == 3 and exits == []  # no job: the usual exit
+    monkeypatch.setattr(cli, "_left_a_process_group", True)
+    with pytest.raises(SystemExit):
+        cli.run()
+    assert exits == [3]
