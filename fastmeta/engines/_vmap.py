@@ -411,8 +411,10 @@ class VmapEngine(Engine):
         """
         trainable, frozen, buffers = split_parameters(module)
         indices = loop.batch_indices
+        # vectorised_masks: the first call's eager look at the graph, and the uncompiled
+        # run where compiling fails, meet Hugging Face attention masks as meta_loss does
         with exact_layers(module, vectorised=True,
-                          second_order=order is MetaGrad.SECOND_ORDER):
+                          second_order=order is MetaGrad.SECOND_ORDER), vectorised_masks():
             plan = (self._configuration(module, loop, outer, order), tuple(trainable),
                     tuple(frozen), tuple(buffers), shape_key(task))
             if plan not in self._reached:
