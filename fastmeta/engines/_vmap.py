@@ -189,12 +189,13 @@ def _mean_meta_batch(
     return objectives.mean(), query_losses.detach(), support_losses
 
 
-def _meta_gradient_in_graph(
+def _meta_gradient(
     module: nn.Module,
     loop: InnerLoop,
     order: MetaGrad,
     outer: OuterObjective,
     reached: tuple[str, ...],
+    by_backward: bool,
     trainable: Params,
     frozen: Params,
     buffers: Params,
@@ -203,8 +204,19 @@ def _meta_gradient_in_graph(
 ) -> tuple[Params, Tensor, Tensor]:
     """The meta-gradient of the mean meta-objective with respect to the trainable
     parameters named in ``reached`` (the others are constants), the query and the
-    support losses: the inner loops and their differentiation as one computation, which
-    a compiler fuses whole (``torch.func.grad`` around the vectorised inner loops)."""
+    support losses.
+
+    ``torch.func.grad`` around the vectorised inner loops: the inner loops and their
+    differentiation as one computation, which a compiler fuses whole. ``by_backward``: the
+    same by autograd's backward, with the memory of the uncompiled engine (where compiling
+    fails).
+    """
+    if by_backward:
+        with torch.enable_grad():
+            mean, query_losses, support_losses = _mean_meta_batch(
+                module, loop, order, outer, trainable, frozen, buffers, task, batch_indices)
+            grads = torch.autograd.grad(mean, [trainable[n] for n in reached])
+        return dict(zip(reached, grads)), query_losses, support_losses
     held = {n: p for n, p in trainable.items() if n not in reached}
 
     def objective(differentiated: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -213,47 +225,19 @@ def _meta_gradient_in_graph(
             batch_indices)
         return mean, (query_losses, support_losses)
 
-    grads, (query_losses, support_losses) = torch.func.grad(objective, has_aux=True)(
+    found, (query_losses, support_losses) = torch.func.grad(objective, has_aux=True)(
         {n: trainable[n] for n in reached})
-    return grads, query_losses, support_losses
+    return found, query_losses, support_losses
 
 
-def _meta_gradient_by_backward(
-    module: nn.Module,
-    loop: InnerLoop,
-    order: MetaGrad,
-    outer: OuterObjective,
-    reached: tuple[str, ...],
-    trainable: Params,
-    frozen: Params,
-    buffers: Params,
-    task: TaskBatch,
-    batch_indices: Tensor | None,
-) -> tuple[Params, Tensor, Tensor]:
-    """What :func:`_meta_gradient_in_graph` returns, by autograd's backward (the memory
-    of the uncompiled engine): where compiling fails."""
-    with torch.enable_grad():
-        mean, query_losses, support_losses = _mean_meta_batch(
-            module, loop, order, outer, trainable, frozen, buffers, task, batch_indices)
-        grads = torch.autograd.grad(mean, [trainable[n] for n in reached])
-    return dict(zip(reached, grads)), query_losses, support_losses
-
-
-def _reached_parameters(
-    module: nn.Module,
-    loop: InnerLoop,
-    order: MetaGrad,
-    outer: OuterObjective,
-    trainable: Params,
-    frozen: Params,
-    buffers: Params,
-    task: TaskBatch,
-    batch_indices: Tensor | None,
-) -> tuple[str, ...] | None:
-    """The trainable parameters that the meta-objective depends on, read from autograd's
-    graph of the first task (the graph of the others is the same); ``None`` where it
-    depends on other tensors that require gradients (learned inner learning rates, a
-    learned inner loss), whose meta-gradient autograd's backward writes.
+def _reached_parameters(mean_meta_batch: Callable[..., tuple[Tensor, Tensor, Tensor]],
+                        trainable: Params, frozen: Params, buffers: Params, task: TaskBatch,
+                        batch_indices: Tensor | None) -> tuple[str, ...] | None:
+    """The trainable parameters that ``mean_meta_batch`` (:func:`_mean_meta_batch` of a
+    configuration) depends on, read from autograd's graph of the first task (the graph of
+    the others is the same); ``None`` where it depends on other tensors that require
+    gradients (learned inner learning rates, a learned inner loss), whose meta-gradient
+    autograd's backward writes.
 
     Autograd leaves a parameter that the meta-objective does not reach without ``.grad``
     (``None``), where ``torch.func.grad`` gives zeros: an optimiser skips the first and
@@ -264,8 +248,7 @@ def _reached_parameters(
     indices = None if batch_indices is None else batch_indices[:1]
     devices = sorted({p.device.index or 0 for p in trainable.values() if p.is_cuda})
     with torch.random.fork_rng(devices=devices), torch.enable_grad():  # dropout's draws
-        mean, _, _ = _mean_meta_batch(module, loop, order, outer, trainable, frozen, buffers,
-                                      first, indices)
+        mean, _, _ = mean_meta_batch(trainable, frozen, buffers, first, indices)
     leaves = _leaves(mean)
     by_id = {id(p): n for n, p in trainable.items()}
     if not leaves or any(id(leaf) not in by_id for leaf in leaves):
@@ -405,7 +388,7 @@ class VmapEngine(Engine):
         Where the meta-objective depends on the model's parameters only (read from
         autograd's graph on the first call of each configuration and layout), one
         compiled function runs the inner loops and their differentiation together
-        (:func:`_meta_gradient_in_graph`) and the gradients are added to ``.grad``; it
+        (:func:`_meta_gradient`) and the gradients are added to ``.grad``; it
         runs in inference mode, as no gradient of its outputs is taken. Otherwise the
         compiled mean meta-objective is differentiated by autograd's backward.
         """
@@ -417,19 +400,20 @@ class VmapEngine(Engine):
                           second_order=order is MetaGrad.SECOND_ORDER), vectorised_masks():
             plan = (self._configuration(module, loop, outer, order), tuple(trainable),
                     tuple(frozen), tuple(buffers), shape_key(task))
+            mean_meta_batch = partial(_mean_meta_batch, module, loop, order, outer)
             if plan not in self._reached:
                 self._reached[plan] = _reached_parameters(
-                    module, loop, order, outer, trainable, frozen, buffers, task, indices)
+                    mean_meta_batch, trainable, frozen, buffers, task, indices)
             reached = self._reached[plan]
             if reached is None:
                 mean, query_losses, support_losses = self._maybe_compiled(
-                    partial(_mean_meta_batch, module, loop, order, outer), module, loop,
-                    outer, order, "mean")(trainable, frozen, buffers, task, indices)
+                    mean_meta_batch, module, loop, outer, order, "mean")(
+                        trainable, frozen, buffers, task, indices)
             else:
-                call = self._maybe_compiled(
-                    partial(_meta_gradient_by_backward, module, loop, order, outer, reached),
-                    module, loop, outer, order, ("gradient", reached),
-                    partial(_meta_gradient_in_graph, module, loop, order, outer, reached))
+                gradient = partial(_meta_gradient, module, loop, order, outer, reached)
+                call = self._maybe_compiled(partial(gradient, True), module, loop, outer,
+                                            order, ("gradient", reached),
+                                            partial(gradient, False))
                 with torch.no_grad():
                     grads, query_losses, support_losses = call(trainable, frozen, buffers,
                                                                task, indices)
