@@ -160,3 +160,31 @@ def test_outputs_of_cuda_graphs_are_copied_before_the_next_replay(monkeypatch):
     assert all(a is not b for a, b in zip((mean, query, support), owned))
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip((mean, query, support), owned))
     assert mean.requires_grad and torch.equal(query, owned[1])
+
+
+def test_gradients_from_cuda_graphs_are_copied_before_the_next_replay(monkeypatch):
+    # On CUDA graphs the next replay overwrites the compiled function's outputs, the
+    # meta-gradient among them: .grad must hold copies. (No GPU here: the function runs
+    # uncompiled and is marked as running on CUDA graphs.)
+    produced = {}
+
+    def uncompiled(fn, mode=None):
+        def call(*tensors):
+            grads, query, support = fn(*tensors)
+            produced.update(grads)
+            return grads, query, support
+        return call
+
+    monkeypatch.setattr(torch, "compile", uncompiled)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+    model = tiny_mlp()
+    learner = fastmeta.MAML(model, inner_lr=0.1, engine="vmap", compile=True)
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.0)
+    task = make_task(dtype=torch.float64)
+    learner.meta_step(task, optimizer)
+    engine = learner._engine
+    engine._compiled.update({key: (fn, True) for key, (fn, _) in engine._compiled.items()})
+    learner.meta_step(task, optimizer)
+    for name, param in model.named_parameters():
+        assert param.grad.data_ptr() != produced[name].data_ptr(), name
+        assert torch.equal(param.grad, produced[name])

@@ -477,8 +477,8 @@ class VmapEngine(Engine):
             if cuda:  # a new step: the CUDA graphs may reuse the last step's output memory
                 torch.compiler.cudagraph_mark_step_begin()
             result = compiled(*trainable.values(), *frozen.values(), *buffers.values(), *flat)
-            if cuda:  # the losses outlive the next replay (a MetaStepResult holds them)
-                result = _own_losses(result)
+            if cuda:  # losses and gradients outlive the next replay
+                result = _owned_outputs(result)
             return result
         except torch.OutOfMemoryError:
             raise
@@ -499,10 +499,10 @@ class VmapEngine(Engine):
             return result
 
 
-def _own_losses(result: Any) -> Any:
+def _owned_outputs(result: Any) -> Any:
     """``result`` with its tensors copied out of the CUDA graphs' memory, which the next
-    replay overwrites (the losses outlive it in a ``MetaStepResult``); ``clone`` keeps
-    the gradient path of those that have one."""
+    replay overwrites (the losses outlive it in a ``MetaStepResult``, the meta-gradient
+    in ``.grad``); ``clone`` keeps the gradient path of those that have one."""
     return torch.utils._pytree.tree_map_only(Tensor, torch.clone, result)
 
 
