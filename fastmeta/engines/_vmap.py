@@ -10,7 +10,7 @@ peak memory).
 With ``compile=True`` it is the other way round: one ``torch.compile``d function takes the
 outer ``torch.func.grad`` of the vectorised inner loops, and the compiler fuses the inner
 loops and their differentiation whole. On the 2-core development machine, 1 thread, that
-ran 1.6–1.8× as fast as compiling the meta-objective and calling ``backward()`` on it
+ran 1.7–1.8× as fast as compiling the meta-objective and calling ``backward()`` on it
 (sine MLP, Transformer), 1.1× on Conv-4 at the Omniglot shape, where its peak memory was
 11% higher. Where the meta-objective depends on tensors other than the model's parameters
 (learned inner learning rates, a learned inner loss), the compiled meta-objective is
