@@ -433,12 +433,12 @@ def overhead_rows(steps: int, device: str) -> dict[str, Callable[[fastmeta.TaskB
                 fast = {n: p - config.inner_lr * grads[n] for n, p in fast.items()}
             return loss(functional_call(model, fast, (qx,)), qy)
 
-        def meta_loss(*task: torch.Tensor) -> torch.Tensor:
-            return torch.func.vmap(partial(one, params))(*task).mean()
-
         def meta_loss_of(initial: dict[str, torch.Tensor], *task: torch.Tensor
                          ) -> torch.Tensor:
             return torch.func.vmap(partial(one, initial))(*task).mean()
+
+        def meta_loss(*task: torch.Tensor) -> torch.Tensor:
+            return meta_loss_of(params, *task)
 
         optimizer = torch.optim.Adam(model.parameters(), lr=0.0)
         if in_graph:

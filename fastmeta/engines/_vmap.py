@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-import weakref
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -59,7 +58,7 @@ from ._base import (
     OuterObjective,
     Params,
 )
-from ._exact import _has_weight_norm, exact_layers, quiet_batching_fallbacks
+from ._exact import _has_weight_norm, _layers, exact_layers, quiet_batching_fallbacks
 from ._masks import vectorised_masks
 from ._tuner import shape_key
 
@@ -520,19 +519,11 @@ def _weight_normed(module: nn.Module) -> str | None:
     Over the layer zoo in float64, compiled second-order meta-gradients matched the
     per-task loop to rounding for every layer family but weight norm (9e-2 relative off).
     """
-    walk = structure(module)
-    found = _WEIGHT_NORMED.get(module)
-    if found is None or found[0] is not walk:  # once per registration
-        found = _WEIGHT_NORMED[module] = (walk, any(_has_weight_norm(m) for m in walk.modules))
-    if not found[1]:
+    routes, _ = _layers(module, vectorised=True, second_order=True)  # cached per walk
+    if torch._weight_norm not in routes:
         return None
     name = next(n for n, m in module.named_modules() if _has_weight_norm(m))
     return f"submodule {name.split('.parametrizations.')[0]!r}"  # the layer, not its hook
-
-
-# module -> (its walk, whether it holds a weight-normalised submodule)
-_WEIGHT_NORMED: weakref.WeakKeyDictionary[nn.Module, tuple[Any, bool]] = (
-    weakref.WeakKeyDictionary())
 
 
 def _owned_outputs(result: Any) -> Any:
